@@ -1,0 +1,1 @@
+"""Pallas kernels, imported as `lmjax.kernels` (setup.py maps this folder)."""

@@ -1,0 +1,94 @@
+"""Datasets by name (`data.name`): each turns a config into training examples and eval sets."""
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lmjax.registry import ConfigError, Registry
+
+DATASETS = Registry("data.name")
+FACTS_MODES = ("weights", "tool")
+
+
+@dataclasses.dataclass
+class TaskData:
+    kind: str  # "facts" (dialogs with answers) or "text" (next-token windows)
+    vocab_size: int
+    train: Sequence[dict]
+    eval_sets: dict  # name -> examples; facts examples carry `answer_mask`
+    info: dict = dataclasses.field(default_factory=dict)
+    tokenizer: Any = None
+
+
+@DATASETS.register("facts")
+class Facts:
+    @staticmethod
+    def validate(config):
+        d = config.data
+        if d.mode not in FACTS_MODES:
+            raise ConfigError(f"Unknown facts mode {d.mode!r} in data.mode; choose one of: {', '.join(FACTS_MODES)}.")
+        if d.num_people <= 0:
+            raise ConfigError(f"data.num_people must be positive, got {d.num_people}.")
+        if config.model.vocab_size < 260:
+            raise ConfigError(f"model.vocab_size={config.model.vocab_size} is below the byte tokenizer's 260 ids.")
+
+    @staticmethod
+    def build(config, workdir) -> TaskData:
+        from lmjax.data import facts
+        from lmjax.data.dialogs import encode_dialog, to_training_example
+        from lmjax.data.tokenizer import ByteTokenizer
+
+        d = config.data
+        cache_root = Path(d.cache_dir) if d.cache_dir else Path(workdir) / "data"
+        folder = facts.load_or_generate(
+            cache_root, num_people=d.num_people, seed=d.seed, num_unseen=d.num_unseen, alpha=d.alpha
+        )
+        tokenizer = ByteTokenizer()
+
+        def examples(filename, loss_on="assistant"):
+            return [
+                to_training_example(encode_dialog(tokenizer, r["dialog"], loss_on, answer=r["answer"]))
+                for r in facts.read_dialogs(folder / filename)
+            ]
+
+        qa_file = "qa.jsonl" if d.mode == "weights" else "qatool.jsonl"
+        train = examples(qa_file)
+        if d.include_biographies:
+            train += examples("biographies.jsonl", loss_on="all")
+        eval_sets = {"qa": examples(qa_file)}
+        if d.mode == "tool":
+            eval_sets["qa_unseen"] = examples("qatool_unseen.jsonl")
+        return TaskData("facts", tokenizer.vocab_size, train, eval_sets, {"data_dir": str(folder)}, tokenizer)
+
+
+@DATASETS.register("shakespeare")
+class Shakespeare:
+    @staticmethod
+    def validate(config):
+        if not 0 < config.data.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {config.data.val_fraction}.")
+
+    @staticmethod
+    def build(config, workdir) -> TaskData:
+        from lmjax.data import shakespeare
+
+        text = shakespeare.load_text()
+        train_text, val_text = shakespeare.split_train_val(text, config.data.val_fraction)
+        tokenizer = shakespeare.CharTokenizer.from_text(text)
+        if tokenizer.vocab_size > config.model.vocab_size:
+            raise ConfigError(
+                f"Shakespeare has {tokenizer.vocab_size} characters but model.vocab_size is "
+                f"{config.model.vocab_size}; raise model.vocab_size."
+            )
+        seq_len = config.train.seq_len
+        train = shakespeare.WindowSource(shakespeare.encode_to_array(train_text, tokenizer), seq_len)
+        val = shakespeare.WindowSource(shakespeare.encode_to_array(val_text, tokenizer), seq_len)
+        max_batches = config.eval.get("max_batches", 8)
+        n_val = min(len(val), max_batches * config.eval.batch_size)
+        val_examples = [val[i] for i in np.linspace(0, len(val) - 1, n_val).astype(int)]
+        return TaskData("text", tokenizer.vocab_size, train, {"val": val_examples}, {"chars": tokenizer.vocab_size}, tokenizer)
+
+
+def build_task(config, workdir) -> TaskData:
+    return DATASETS.get(config.data.name).build(config, workdir)

@@ -1,0 +1,73 @@
+"""Byte-level tokenizer with a few special tokens for dialogs.
+
+Ids 0..255 are raw UTF-8 bytes, so any text encodes losslessly without a trained vocabulary.
+Special tokens follow the bytes. `encode` never parses special-token strings out of text:
+a user typing "<|eod|>" gets those bytes, not the end-of-dialog token, so dialog structure
+can only be created by `lmjax.data.dialogs`, never smuggled in through content.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+NUM_BYTES = 256
+
+# name -> id, in id order. Append new specials at the end so existing ids stay stable.
+SPECIAL_TOKENS: dict[str, int] = {
+    "user": 256,
+    "assistant": 257,
+    "database": 258,
+    "eod": 259,
+}
+
+
+def _special_string(name: str) -> str:
+    return f"<|{name}|>"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes plus `<|user|> <|assistant|> <|database|> <|eod|>`."""
+
+    vocab_size: int = NUM_BYTES + len(SPECIAL_TOKENS)
+    eod_id: int = SPECIAL_TOKENS["eod"]
+    # Dialog turn source -> the header token that opens a turn from that source.
+    SOURCE_TOKENS: dict[str, int] = {
+        source: SPECIAL_TOKENS[source] for source in ("user", "assistant", "database")
+    }
+
+    def __init__(self) -> None:
+        self._id_to_special = {i: _special_string(n) for n, i in SPECIAL_TOKENS.items()}
+
+    def encode(self, text: str) -> list[int]:
+        """Plain UTF-8 bytes of `text`; special-token strings are NOT recognised."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; specials render as `<|name|>`, invalid UTF-8 becomes U+FFFD."""
+        pieces: list[str] = []
+        pending_bytes = bytearray()
+        for position, raw_id in enumerate(ids):
+            token_id = int(raw_id)
+            if 0 <= token_id < NUM_BYTES:
+                pending_bytes.append(token_id)
+                continue
+            if token_id not in self._id_to_special:
+                raise ValueError(
+                    f"Token id {token_id} at position {position} is outside the byte "
+                    f"tokenizer's vocabulary [0, {self.vocab_size}); check the model's "
+                    f"vocab_size matches the tokenizer."
+                )
+            # Flush bytes first so a multi-byte character split by a special stays local.
+            pieces.append(pending_bytes.decode("utf-8", errors="replace"))
+            pending_bytes.clear()
+            pieces.append(self._id_to_special[token_id])
+        pieces.append(pending_bytes.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def special_id(self, name: str) -> int:
+        """Id of a special token given as "eod" or "<|eod|>"."""
+        bare = name[2:-2] if name.startswith("<|") and name.endswith("|>") else name
+        if bare not in SPECIAL_TOKENS:
+            valid = ", ".join(SPECIAL_TOKENS)
+            raise ValueError(f"Unknown special token {name!r}; choose one of: {valid}.")
+        return SPECIAL_TOKENS[bare]

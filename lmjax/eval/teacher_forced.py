@@ -1,0 +1,61 @@
+"""Teacher-forced evaluation: per-dialog exact match of answer tokens, and mean loss."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lmjax.data.pipeline import padded_batches
+
+
+def make_eval_step(apply_fn):
+    """Jitted (params, batch) -> per-row sums: loss, loss tokens, answer tokens, correct answer tokens."""
+
+    def eval_step(params, batch):
+        logits = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        loss_mask = batch["loss_mask"].astype(jnp.float32)
+        answer_mask = batch["answer_mask"].astype(jnp.int32)
+        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.int32)
+        return {
+            "loss_sum": jnp.sum(losses * loss_mask, axis=1),
+            "loss_tokens": jnp.sum(loss_mask, axis=1),
+            "answer_tokens": jnp.sum(answer_mask, axis=1),
+            "answer_correct": jnp.sum(correct * answer_mask, axis=1),
+        }
+
+    return jax.jit(eval_step)
+
+
+def _round_up(n, multiple=16):
+    return -(-n // multiple) * multiple
+
+
+def evaluate(eval_step, params, examples, batch_size):
+    """Summed statistics over a list of examples, one example per row (no packing)."""
+    examples = [e if "answer_mask" in e else {**e, "answer_mask": np.zeros_like(e["inputs"])} for e in examples]
+    seq_len = _round_up(max(len(e["inputs"]) for e in examples))
+    keys = ("inputs", "targets", "loss_mask", "answer_mask")
+    totals = {"loss_sum": 0.0, "loss_tokens": 0.0, "answered": 0, "exact": 0}
+    for batch, n_real in padded_batches(examples, seq_len=seq_len, batch_size=batch_size, keys=keys):
+        out = jax.device_get(eval_step(params, batch))
+        out = {k: v[:n_real] for k, v in out.items()}
+        totals["loss_sum"] += float(out["loss_sum"].sum())
+        totals["loss_tokens"] += float(out["loss_tokens"].sum())
+        has_answer = out["answer_tokens"] > 0
+        totals["answered"] += int(has_answer.sum())
+        totals["exact"] += int((has_answer & (out["answer_correct"] == out["answer_tokens"])).sum())
+    return totals
+
+
+def evaluate_task(eval_step, params, task, batch_size):
+    """Metrics for every eval set of a task: eval/{set}_acc for facts, eval/loss for text."""
+    metrics = {}
+    for name, examples in task.eval_sets.items():
+        totals = evaluate(eval_step, params, examples, batch_size)
+        loss = totals["loss_sum"] / max(totals["loss_tokens"], 1)
+        if task.kind == "facts":
+            metrics[f"eval/{name}_acc"] = totals["exact"] / max(totals["answered"], 1)
+            metrics[f"eval/{name}_loss"] = loss
+        else:
+            metrics["eval/loss" if name == "val" else f"eval/{name}_loss"] = loss
+    return metrics

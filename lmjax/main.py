@@ -1,0 +1,69 @@
+"""python -m lmjax.main --config=configs/facts.py [--config.a.b=v ...] [--workdir=DIR]"""
+import sys
+import time
+from pathlib import Path
+
+from lmjax.xla_flags import tune_xla_cpu_flags
+
+tune_xla_cpu_flags()  # before anything imports jax
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lmjax.registry import ConfigError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/facts.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default: a fresh folder under runs/. Reusing one resumes.")
+
+
+def _parse_flags(argv):
+    """absl parsing, with misspelt --config.* keys reported in one line instead of a traceback."""
+    from lmjax.config import check_override_keys, load_config_file
+
+    config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_path is None:
+        _fail("Missing --config=FILE (for example --config=configs/facts.py).")
+    if not Path(config_path.split(":")[0]).exists():
+        _fail(f"Config file {config_path!r} does not exist.")
+    try:
+        check_override_keys(load_config_file(config_path.split(":")[0]), argv)
+        return flags.FLAGS(argv)
+    except ConfigError as error:
+        _fail(str(error))
+    except flags.Error as error:
+        _fail(str(error))
+
+
+def _fail(message):
+    print(f"lmjax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def default_workdir(config):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.data.name}-{stamp}"
+
+
+def main(argv):
+    del argv
+    from lmjax.train.loop import train
+
+    config = _CONFIG.value
+    workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
+    try:
+        summary = train(config, workdir)
+    except ConfigError as error:
+        _fail(str(error))
+    shown = {k: v for k, v in summary.items() if k.startswith(("eval/", "train/loss"))}
+    print(
+        f"lmjax: {'stopped at' if summary['interrupted'] else 'finished'} step {summary['step']} in "
+        f"{summary['seconds_since_start']:.1f} s | "
+        + " | ".join(f"{k} {v:.4f}" for k, v in shown.items())
+        + f" | workdir {workdir}"
+    )
+    if summary["interrupted"]:
+        sys.exit(143)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

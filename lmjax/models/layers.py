@@ -1,0 +1,112 @@
+"""Building blocks shared by the model families: projections, norms, embeddings, RoPE.
+
+Every parameter is created through `nn.with_logical_partitioning`, so it carries logical axis
+names (see lmjax.parallel) and the parallel layout is a rules-table change, not a model change.
+"""
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+
+def init_for(scheme: str, fan_in: int, n_layers: int, role: str) -> Initializer:
+    """Weight initializer for a parameter of a given role ('in', 'out', 'embed', 'head').
+
+    'normal': GPT-2 style, std 0.02, with output projections (those writing into the residual
+    stream) scaled by 1/sqrt(2 * n_layers) so the residual variance does not grow with depth.
+    'fan_in': std 1/sqrt(fan_in) (LeCun), embeddings std 1; outputs scaled like 'normal'.
+    """
+    if scheme == "normal":
+        std = 0.02
+    elif scheme == "fan_in":
+        std = 1.0 if role == "embed" else fan_in**-0.5
+    else:
+        raise ValueError(f"Unknown init scheme {scheme!r}; choose one of: fan_in, normal.")
+    if role == "out":
+        std /= (2 * n_layers) ** 0.5
+    return nn.initializers.normal(stddev=std)
+
+
+class Projection(nn.Module):
+    """A linear map contracting the trailing `len(in_shape)` axes into `out_shape`.
+
+    The single place where weights meet activations, so quantized or LoRA variants can replace it.
+    """
+
+    in_shape: Sequence[int]
+    out_shape: Sequence[int]
+    axes: Sequence[str]  # logical names of the kernel: in axes then out axes
+    kernel_init: Initializer  # not `init`: a field of that name would shadow nn.Module.init
+    param_dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel_shape = tuple(self.in_shape) + tuple(self.out_shape)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.axes)), kernel_shape, self.param_dtype
+        )
+        # One 2-D matmul over flattened leading axes: XLA:CPU lays out the backward pass far
+        # better this way (about 2.5x faster on the MLP) than with batched N-D contractions.
+        n_in = len(self.in_shape)
+        lead = x.shape[: x.ndim - n_in]
+        x_2d = x.reshape((-1, math.prod(self.in_shape))).astype(self.dtype)
+        kernel_2d = kernel.reshape((math.prod(self.in_shape), -1)).astype(self.dtype)
+        return (x_2d @ kernel_2d).reshape(lead + tuple(self.out_shape))
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+    param_dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embedding(nn.Module):
+    vocab_size: int
+    dim: int
+    embedding_init: Initializer  # not `init`: a field of that name would shadow nn.Module.init
+    param_dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+            (self.vocab_size, self.dim),
+            self.param_dtype,
+        )
+
+    def __call__(self, tokens_BxL):
+        return jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.dtype)
+
+    def attend(self, x_BxLxD):
+        """Logits against the embedding matrix (tied output head)."""
+        return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding.astype(self.dtype))
+
+
+def rope_angles(positions_BxL, head_dim: int, base: float):
+    """(cos, sin), each [B, L, head_dim/2] in f32, for rotary embeddings at the given positions."""
+    inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions_BxL.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxLxHxD, cos_BxLxR, sin_BxLxR):
+    """Rotate pairs (i, i + D/2) of each head vector (the 'rotate half' layout used by HF Llama)."""
+    x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos_BxLxR[:, :, None, :], sin_BxLxR[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxHxD.dtype)

@@ -1,0 +1,154 @@
+"""The training loop: config -> data -> model -> jitted steps -> metrics, evals, checkpoints.
+
+Rerunning on the same workdir resumes from the latest checkpoint, bit-identically on CPU: the
+checkpoint holds params, optimizer state, step, PRNG key and the data iterator's position.
+SIGTERM (and Ctrl-C) saves a checkpoint at the current step before exiting.
+"""
+import json
+import signal
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import psutil
+from tqdm import tqdm
+
+from lmjax.config import to_json, validate
+from lmjax.data.datasets import build_task
+from lmjax.data.pipeline import train_batches
+from lmjax.data.prefetch import Prefetcher
+from lmjax.eval.teacher_forced import evaluate_task, make_eval_step
+from lmjax.models import build_model
+from lmjax.monitor.metrics import MetricWriter
+from lmjax.train.checkpoint import Checkpointer
+from lmjax.train.optimizer import make_optimizer
+from lmjax.train.step import TrainState, make_train_step
+
+
+def seconds_since_process_start():
+    return time.time() - psutil.Process().create_time()
+
+
+def init_state_fn(model, tx, seq_len):
+    def init_state(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        dummy = jnp.zeros((1, seq_len), jnp.int32)
+        params = nn.meta.unbox(model.init(init_rng, dummy)["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+    return init_state
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(config, workdir) -> dict:
+    """Run (or resume) training in `workdir`; returns the summary also written to summary.json."""
+    validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(to_json(config))
+    t = config.train
+
+    task = build_task(config, workdir)
+    model = build_model(config)
+    tx, schedule = make_optimizer(config.optim, t.steps)
+    init_state = init_state_fn(model, tx, t.seq_len)
+    device = jax.devices()[0]
+    abstract_state = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+        jax.eval_shape(init_state, jax.random.PRNGKey(config.seed)),
+    )
+
+    batches = iter(
+        train_batches(
+            task.train, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed,
+            pack=config.data.get("pack", False),
+        )
+    )
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    resume_step = checkpointer.latest_step()
+    if resume_step is not None:
+        state, data_state = checkpointer.restore(abstract_state)
+        batches.set_state(data_state)
+    else:
+        state = jax.jit(init_state)(jax.random.PRNGKey(config.seed))
+    start = int(state.step)
+
+    is_lead = jax.process_index() == 0
+    writer = MetricWriter(workdir, config, enabled=is_lead, resume_step=resume_step)
+    train_step = make_train_step(model.apply, tx, schedule, config.optim.grad_accum)
+    eval_step = make_eval_step(model.apply)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    if start == 0:
+        writer.write(0, {"model/params": n_params})
+
+    prefetcher = Prefetcher(batches)
+    stop = StopSignal()
+    bar = tqdm(total=t.steps, initial=start, disable=not (is_lead and config.logging.progress_bar), dynamic_ncols=True)
+    last_eval, last_log, window_tokens, window_start = {}, {}, 0, time.perf_counter()
+    step = start
+    try:
+        while step < t.steps and stop.received is None:
+            batch = next(prefetcher)
+            window_tokens += int(np.count_nonzero(batch["segment_ids"]))
+            state, metrics = train_step(state, batch)
+            step += 1
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                steps_in_window = step - max(start, (step - 1) // t.log_every * t.log_every)
+                metrics["train/tokens_per_s"] = window_tokens / elapsed
+                metrics["train/step_time_s"] = elapsed / max(steps_in_window, 1)
+                metrics.pop("train/loss_tokens")
+                last_log = metrics
+                writer.write(step, metrics)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
+            if step % t.eval_every == 0 or step == t.steps:
+                last_eval = evaluate_task(eval_step, state.params, task, config.eval.batch_size)
+                last_eval["time/since_start_s"] = seconds_since_process_start()
+                writer.write(step, last_eval)
+                bar.set_postfix({**{k.split("/")[-1]: f"{v:.3f}" for k, v in last_eval.items() if "acc" in k or k == "eval/loss"}}, refresh=False)
+            if step % config.checkpoint.every == 0 or step == t.steps or stop.received is not None:
+                checkpointer.save(step, state, prefetcher.get_state(), wait=step == t.steps or stop.received is not None)
+            if step % t.log_every == 0:
+                window_tokens, window_start = 0, time.perf_counter()
+    finally:
+        bar.close()
+        prefetcher.close()
+        stop.restore()
+        checkpointer.close()
+
+    summary = {
+        "step": step,
+        "interrupted": stop.received is not None,
+        "params": n_params,
+        "seconds_since_start": round(seconds_since_process_start(), 2),
+        **last_log,
+        **last_eval,
+    }
+    writer.close()
+    if is_lead:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

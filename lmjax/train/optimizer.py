@@ -1,0 +1,37 @@
+"""optax AdamW with a weight-decay mask, gradient clipping and a step-function schedule."""
+import jax
+import optax
+
+from lmjax.train.schedules import make_schedule
+
+# Norm scales (and anything else 1-D before layer stacking) are not decayed; matrices are.
+NO_DECAY_PARAM_NAMES = ("scale", "bias")
+
+
+def weight_decay_mask(params):
+    def decays(path, _):
+        return getattr(path[-1], "key", None) not in NO_DECAY_PARAM_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim_cfg, total_steps):
+    """Returns (optax transformation, schedule function)."""
+    schedule = make_schedule(
+        optim_cfg.schedule,
+        peak=optim_cfg.lr,
+        warmup_steps=optim_cfg.warmup_steps,
+        total_steps=total_steps,
+        min_ratio=optim_cfg.min_lr_ratio,
+        decay_fraction=optim_cfg.decay_fraction,
+    )
+    parts = []
+    if optim_cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+    parts.append(
+        optax.adamw(
+            schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+            weight_decay=optim_cfg.weight_decay, mask=weight_decay_mask,
+        )
+    )
+    return optax.chain(*parts), schedule

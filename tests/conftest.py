@@ -1,0 +1,38 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_facts_overrides(**extra):
+    """A facts run small enough for unit tests: 8 people, a 1-layer d=32 model, a few steps."""
+    base = {
+        "data.num_people": 8, "data.num_unseen": 4, "model.dim": 32, "model.n_layers": 1,
+        "model.n_heads": 2, "model.n_kv_heads": 1, "model.mlp_hidden": 64, "train.steps": 12,
+        "train.batch_size": 4, "train.seq_len": 96, "train.log_every": 2, "train.eval_every": 6,
+        "checkpoint.every": 4, "checkpoint.keep": 5, "checkpoint.async_save": False,
+        "logging.progress_bar": False, "optim.warmup_steps": 2, "optim.lr": 3e-3,
+    }
+    base.update(extra)
+    return base
+
+
+def tiny_facts_config(**extra):
+    from lmjax.config import load_config_file
+
+    return load_config_file(ROOT / "configs" / "facts.py", tiny_facts_overrides(**extra).items())
+
+
+def cli(*args):
+    """argv for `python -m lmjax.main` with the repo importable."""
+    return [sys.executable, "-m", "lmjax.main", *args]
+
+
+@pytest.fixture
+def subprocess_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

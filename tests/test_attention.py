@@ -1,0 +1,119 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax.models.attention import xla_attention
+
+N_HEADS = 4
+
+
+def random_mask(rng, B, L, S):
+    """Random boolean mask where every query row keeps at least one key; some rows keep exactly
+    one (like a padding row that only sees itself)."""
+    mask = rng.random((B, L, S)) < 0.4
+    lonely = rng.random((B, L)) < 0.2
+    mask[lonely] = False
+    rows_b, rows_l = np.nonzero(~mask.any(-1))
+    mask[rows_b, rows_l, rng.integers(0, S, size=rows_b.size)] = True
+    assert mask.any(-1).all()
+    return mask
+
+
+def random_qkvm(seed, n_kv, B=2, L=7, S=9, D=8):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(B, L, N_HEADS, D)).astype(np.float32)
+    k = rng.normal(size=(B, S, n_kv, D)).astype(np.float32)
+    v = rng.normal(size=(B, S, n_kv, D)).astype(np.float32)
+    return q, k, v, random_mask(rng, B, L, S)
+
+
+def naive_attention_np(q, k, v, mask):
+    """One (batch, head) at a time in float64; query head h reads kv head h // (H / K), the
+    grouping of HF's repeat_kv."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    B, L, H, D = q.shape
+    K = k.shape[2]
+    out = np.zeros((B, L, H, D))
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // K)
+            scores = q[b, :, h] @ k[b, :, kv].T / np.sqrt(D)
+            scores = np.where(mask[b], scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            out[b, :, h] = probs @ v[b, :, kv]
+    return out
+
+
+def naive_attention_jnp(q, k, v, mask):
+    """The same loop in jnp, differentiable, sharing no code with lmjax."""
+    B, L, H, D = q.shape
+    K = k.shape[2]
+    heads = []
+    for h in range(H):
+        kv = h // (H // K)
+        scores = jnp.einsum("bld,bsd->bls", q[:, :, h], k[:, :, kv]) / np.sqrt(D)
+        scores = jnp.where(mask, scores, -jnp.inf)
+        probs = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+        probs = probs / probs.sum(-1, keepdims=True)
+        heads.append(jnp.einsum("bls,bsd->bld", probs, v[:, :, kv]))
+    return jnp.stack(heads, axis=2)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_matches_naive_per_head_softmax(n_kv):
+    q, k, v, mask = random_qkvm(seed=n_kv, n_kv=n_kv)
+    out = np.asarray(xla_attention(q, k, v, mask))
+    assert out.shape == q.shape and out.dtype == np.float32
+    # f32 einsums against a float64 loop on O(1) inputs with D=8: a few ulps of f32 (~1e-7)
+    # times the reduction lengths; 1e-5 leaves a wide margin and still catches any wrong
+    # head grouping, scale or mask (those are O(0.1) errors).
+    np.testing.assert_allclose(out, naive_attention_np(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_query_length_differs_from_key_length():
+    # Decode-style shapes: one query against a longer key sequence.
+    q, k, v, mask = random_qkvm(seed=11, n_kv=2, L=1, S=13)
+    np.testing.assert_allclose(
+        np.asarray(xla_attention(q, k, v, mask)), naive_attention_np(q, k, v, mask), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_masked_keys_have_no_influence():
+    q, k, v, mask = random_qkvm(seed=5, n_kv=2)
+    out = np.asarray(xla_attention(q, k, v, mask))
+    # Change k and v wildly at keys no query of that batch row can see.
+    hidden_BxS = ~mask.any(axis=1)
+    assert hidden_BxS.any()
+    k2, v2 = k.copy(), v.copy()
+    k2[hidden_BxS] = 1e3
+    v2[hidden_BxS] = -1e3
+    np.testing.assert_array_equal(np.asarray(xla_attention(q, k2, v2, mask)), out)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_gradients_match_naive_jnp(n_kv):
+    q, k, v, mask = random_qkvm(seed=20 + n_kv, n_kv=n_kv)
+    cotangent = np.random.default_rng(0).normal(size=q.shape).astype(np.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, mask) * cotangent)
+
+    got = jax.jit(jax.grad(loss(xla_attention), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(naive_attention_jnp), argnums=(0, 1, 2)))(q, k, v)
+    # Both sides in f32, different op orders; gradients are O(1), so 1e-5 absolute covers
+    # rounding while a wrong mask/grouping would be off by O(0.1).
+    for name, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_bfloat16_inputs_stay_close():
+    q, k, v, mask = random_qkvm(seed=3, n_kv=2)
+    out = xla_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)), mask)
+    assert out.dtype == jnp.bfloat16
+    # bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 4e-3) on inputs, probabilities and
+    # output; a few such roundings on O(1) values stay well under 5e-2.
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), naive_attention_np(q, k, v, mask), rtol=5e-2, atol=5e-2
+    )

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from lmjax.data.dialogs import encode_dialog, to_training_example
+from lmjax.data.tokenizer import ByteTokenizer
+
+USER, ASSISTANT, DATABASE, EOD = 256, 257, 258, 259
+
+# Worked by hand: position -> token
+#   0 <user> 1 h 2 i 3 <assistant> 4 o 5 k 6 <database> 7 v 8 <assistant> 9 A 10 ' ' 11 7 12 . 13 <eod>
+TOOL_DIALOG = [
+    {"source": "user", "content": "hi"},
+    {"source": "assistant", "content": "ok"},
+    {"source": "database", "content": "v"},
+    {"source": "assistant", "content": "A 7."},
+]
+TOOL_TOKENS = [USER, ord("h"), ord("i"), ASSISTANT, ord("o"), ord("k"), DATABASE, ord("v"),
+               ASSISTANT, ord("A"), ord(" "), ord("7"), ord("."), EOD]
+# Assistant content bytes (4, 5, 9..12) plus the token closing each assistant turn (6, 13).
+TOOL_LOSS_POSITIONS = [4, 5, 6, 9, 10, 11, 12, 13]
+
+
+def positions(mask):
+    return np.flatnonzero(mask).tolist()
+
+
+def test_tokens_and_assistant_loss_mask_match_hand_worked_example():
+    out = encode_dialog(ByteTokenizer(), TOOL_DIALOG, answer="7")
+    assert out["tokens"].dtype == np.int32
+    assert out["loss_mask"].dtype == bool and out["answer_mask"].dtype == bool
+    assert out["tokens"].tolist() == TOOL_TOKENS
+    assert positions(out["loss_mask"]) == TOOL_LOSS_POSITIONS
+    assert positions(out["answer_mask"]) == [11]
+
+
+def test_answer_mask_covers_exactly_multibyte_answer_bytes():
+    dialog = [{"source": "user", "content": "Where?"}, {"source": "assistant", "content": "In Zürich."}]
+    out = encode_dialog(ByteTokenizer(), dialog, answer="Zürich")
+    # <user> + 6 bytes, <assistant> at 7, "In " at 8..10, "Zürich" (7 bytes, ü is 2) at 11..17, "." 18, <eod> 19
+    assert len(out["tokens"]) == 20
+    assert positions(out["answer_mask"]) == list(range(11, 18))
+    assert bytes(out["tokens"][out["answer_mask"]].tolist()).decode() == "Zürich"
+
+
+def test_answer_mask_empty_without_answer_and_error_when_not_at_end():
+    tok = ByteTokenizer()
+    assert not encode_dialog(tok, TOOL_DIALOG)["answer_mask"].any()
+    assert not encode_dialog(tok, TOOL_DIALOG, answer="")["answer_mask"].any()
+    with pytest.raises(ValueError, match="does not end with"):
+        encode_dialog(tok, TOOL_DIALOG, answer="8")
+
+
+def test_loss_on_all_is_every_position_but_the_first():
+    out = encode_dialog(ByteTokenizer(), TOOL_DIALOG, loss_on="all")
+    assert positions(out["loss_mask"]) == list(range(1, len(TOOL_TOKENS)))
+
+
+def test_eod_after_non_assistant_turn_is_not_a_target():
+    dialog = [{"source": "assistant", "content": "a"}, {"source": "user", "content": "b"}]
+    out = encode_dialog(ByteTokenizer(), dialog)
+    # 0 <assistant> 1 a 2 <user> 3 b 4 <eod>
+    assert positions(out["loss_mask"]) == [1, 2]
+
+
+def test_training_example_shifts_by_one():
+    example = to_training_example(encode_dialog(ByteTokenizer(), TOOL_DIALOG, answer="7"))
+    n = len(TOOL_TOKENS)
+    for key in ("inputs", "targets", "loss_mask", "answer_mask"):
+        assert example[key].shape == (n - 1,) and example[key].dtype == np.int32
+    assert example["inputs"].tolist() == TOOL_TOKENS[:-1]
+    assert example["targets"].tolist() == TOOL_TOKENS[1:]
+    # Target j is token j+1, so the masked targets are exactly the hand-listed target tokens.
+    assert example["targets"][example["loss_mask"] == 1].tolist() == [TOOL_TOKENS[p] for p in TOOL_LOSS_POSITIONS]
+    assert example["targets"][example["answer_mask"] == 1].tolist() == [ord("7")]
+
+
+def test_errors_for_unknown_source_empty_dialog_and_bad_loss_on():
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match="unknown source 'system'"):
+        encode_dialog(tok, [{"source": "system", "content": "x"}])
+    with pytest.raises(ValueError, match="empty dialog"):
+        encode_dialog(tok, [])
+    with pytest.raises(ValueError, match="loss_on"):
+        encode_dialog(tok, TOOL_DIALOG, loss_on="user")

@@ -1,0 +1,121 @@
+"""End-to-end training: outputs contract, determinism, exact resume (also after a kill), SIGTERM."""
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT, cli, tiny_facts_config, tiny_facts_overrides
+from lmjax.train.loop import train
+
+TIMING_KEYS = ("train/tokens_per_s", "train/step_time_s", "time/since_start_s")
+
+
+def metric_rows(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def saved_state(workdir, step):
+    tree = ocp.StandardCheckpointer().restore((workdir / "checkpoints" / str(step) / "state").absolute())
+    return {"/".join(map(str, path)): np.asarray(leaf) for path, leaf in _flatten(tree)}
+
+
+def _flatten(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, prefix + (k,))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _flatten(v, prefix + (i,))
+    else:
+        yield prefix, tree
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_run_writes_the_output_contract_and_learns(tmp_path):
+    config = tiny_facts_config(**{"train.steps": 40, "train.eval_every": 20, "checkpoint.every": 20})
+    summary = train(config, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["dim"] == 32
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in r for r in rows)
+    train_rows = [r for r in rows if "train/loss" in r]
+    for key in ("train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "train/step_time_s"):
+        assert key in train_rows[-1]
+    assert train_rows[-1]["train/loss"] < 0.6 * train_rows[0]["train/loss"]
+    assert any("eval/qa_acc" in r for r in rows)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert summary["step"] == 40 and not summary["interrupted"]
+    assert (tmp_path / "checkpoints" / "40").is_dir()
+
+
+def test_same_seed_same_numbers_other_seed_differs(tmp_path):
+    train(tiny_facts_config(), tmp_path / "a")
+    train(tiny_facts_config(), tmp_path / "b")
+    train(tiny_facts_config(seed=1), tmp_path / "c")
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
+    assert metric_rows(tmp_path / "a") != metric_rows(tmp_path / "c")
+
+
+def test_resume_from_checkpoint_is_bit_identical(tmp_path):
+    train(tiny_facts_config(), tmp_path / "full")
+    train(tiny_facts_config(), tmp_path / "resumed")
+    # Forget everything after step 4, as if the run had died there, then rerun the same command.
+    for step in (8, 12):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
+    summary = train(tiny_facts_config(), tmp_path / "resumed")
+    assert summary["step"] == 12
+    assert_same_state(saved_state(tmp_path / "full", 12), saved_state(tmp_path / "resumed", 12))
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "resumed")
+
+
+def _overrides_argv(**extra):
+    return [f"--config.{k}={v}" for k, v in tiny_facts_overrides(**extra).items()]
+
+
+def _wait_for_checkpoint(workdir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (workdir / "checkpoints" / str(step)).is_dir():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint {step} after {timeout}s")
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, subprocess_env):
+    args = ["--config=" + str(ROOT / "configs" / "facts.py"), *_overrides_argv(**{"train.steps": 60, "checkpoint.every": 10})]
+    subprocess.run(cli(*args, f"--workdir={tmp_path / 'full'}"), env=subprocess_env, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(*args, f"--workdir={killed}"), env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_checkpoint(killed, 20, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "60").exists(), "the run finished before it could be killed"
+    subprocess.run(cli(*args, f"--workdir={killed}"), env=subprocess_env, check=True, capture_output=True)
+    assert_same_state(saved_state(tmp_path / "full", 60), saved_state(killed, 60))
+    assert metric_rows(tmp_path / "full") == metric_rows(killed)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, subprocess_env):
+    args = ["--config=" + str(ROOT / "configs" / "facts.py"), *_overrides_argv(**{"train.steps": 100000, "checkpoint.every": 1000})]
+    proc = subprocess.Popen(cli(*args, f"--workdir={tmp_path}"), env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.jsonl").exists() or "train/loss" not in (tmp_path / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped at step" in out
+    steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 0 < steps[0] < 1000
