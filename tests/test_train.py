@@ -43,7 +43,7 @@ def assert_same_state(a, b):
 
 
 def test_run_writes_the_output_contract_and_learns(tmp_path):
-    config = tiny_facts_config(**{"train.steps": 40, "train.eval_every": 20, "checkpoint.every": 20})
+    config = tiny_facts_config(**{"train.steps": 60, "train.eval_every": 30, "checkpoint.every": 30})
     summary = train(config, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model"]["dim"] == 32
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -54,8 +54,8 @@ def test_run_writes_the_output_contract_and_learns(tmp_path):
     assert train_rows[-1]["train/loss"] < 0.6 * train_rows[0]["train/loss"]
     assert any("eval/qa_acc" in r for r in rows)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert summary["step"] == 40 and not summary["interrupted"]
-    assert (tmp_path / "checkpoints" / "40").is_dir()
+    assert summary["step"] == 60 and not summary["interrupted"]
+    assert (tmp_path / "checkpoints" / "60").is_dir()
 
 
 def test_same_seed_same_numbers_other_seed_differs(tmp_path):

@@ -53,7 +53,7 @@ def make_train_step(apply_fn, tx, schedule, grad_accum: int = 1):
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "train/loss": loss_sum / n_tokens,
-            "train/grad_norm": optax.global_norm(grads),
+            "train/grad_norm": optax.tree.norm(grads),
             "train/lr": schedule(state.step),
             "train/loss_tokens": n_tokens,
         }
