@@ -4,7 +4,10 @@
     python -m lmjax.main --config=configs/facts.py --config.data.mode=tool  # in-tool
 
 Default: the original codebase's small in-weight setting (256 people, 1,024 facts, byte tokens,
-2 layers, 2 heads, d=64, ~165k parameters, batch 128, AdamW 1e-3, wd 0.1, cosine).
+2 layers, 2 heads, d=64, ~165k parameters, ~128 dialogs a step, AdamW 1e-3, wd 0.1, cosine), with
+dialogs packed into 256-token rows, and the run stops once teacher-forced answer accuracy
+reaches 95% (`train.stop_when=""` trains all `train.steps`). Layers are unrolled
+(`model.scan_layers=False`): at 2 layers that is ~20% faster on CPU than nn.scan.
 """
 from ml_collections import config_dict
 
@@ -16,7 +19,7 @@ def get_config():
     c.model = dict(
         dim=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=256, vocab_size=260,
         tie_embeddings=False, rope_base=10000.0, norm_eps=1e-5, init="normal", remat="none",
-        scan_layers=True, param_dtype="float32", compute_dtype="float32",
+        scan_layers=False, param_dtype="float32", compute_dtype="float32",
     )
     c.data = dict(
         name="facts", mode="weights", num_people=256, num_unseen=64, alpha=0.0, seed=0,
@@ -26,7 +29,10 @@ def get_config():
         lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
         schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, decay_fraction=0.2, grad_accum=1,
     )
-    c.train = dict(steps=400, batch_size=128, seq_len=256, log_every=25, eval_every=100, stop_at_metric="")
+    # Rows of 256 tokens hold ~3.5 packed dialogs: 32 rows ~ the original's 128 padded dialogs a step.
+    c.train = dict(
+        steps=1500, batch_size=32, seq_len=256, log_every=25, eval_every=50, stop_when="eval/qa_acc>=0.95",
+    )
     c.eval = dict(batch_size=256)
     c.logging = dict(tensorboard=True, progress_bar=True, wandb=dict(mode="disabled", project="lmjax", entity="", name=""))
     c.checkpoint = dict(every=200, keep=2, async_save=True)

@@ -12,14 +12,14 @@ def get_config():
     c.model = dict(
         dim=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden=384, vocab_size=128,
         tie_embeddings=True, rope_base=10000.0, norm_eps=1e-5, init="normal", remat="none",
-        scan_layers=True, param_dtype="float32", compute_dtype="float32",
+        scan_layers=False, param_dtype="float32", compute_dtype="float32",
     )
     c.data = dict(name="shakespeare", val_fraction=0.05)
     c.optim = dict(
         lr=3e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
         schedule="cosine", warmup_steps=50, min_lr_ratio=0.1, decay_fraction=0.2, grad_accum=1,
     )
-    c.train = dict(steps=600, batch_size=32, seq_len=128, log_every=25, eval_every=100, stop_at_metric="")
+    c.train = dict(steps=600, batch_size=32, seq_len=128, log_every=25, eval_every=100, stop_when="")
     c.eval = dict(batch_size=64, max_batches=8)
     c.logging = dict(tensorboard=True, progress_bar=True, wandb=dict(mode="disabled", project="lmjax", entity="", name=""))
     c.checkpoint = dict(every=200, keep=2, async_save=True)

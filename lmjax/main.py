@@ -39,6 +39,14 @@ def _fail(message):
     sys.exit(2)
 
 
+def _status(summary, config):
+    if summary["interrupted"]:
+        return "stopped at"
+    if summary["stopped_early"]:
+        return f"reached {config.train.stop_when} at"
+    return "finished"
+
+
 def default_workdir(config):
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.data.name}-{stamp}"
@@ -56,7 +64,7 @@ def main(argv):
         _fail(str(error))
     shown = {k: v for k, v in summary.items() if k.startswith(("eval/", "train/loss"))}
     print(
-        f"lmjax: {'stopped at' if summary['interrupted'] else 'finished'} step {summary['step']} in "
+        f"lmjax: {_status(summary, config)} step {summary['step']} in "
         f"{summary['seconds_since_start']:.1f} s | "
         + " | ".join(f"{k} {v:.4f}" for k, v in shown.items())
         + f" | workdir {workdir}"

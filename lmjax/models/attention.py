@@ -7,16 +7,25 @@ from lmjax.models.layers import Projection, apply_rope, init_for
 
 
 def xla_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxLxS):
-    """Reference attention in plain einsums; softmax in f32. H query heads share K kv heads."""
+    """Reference attention in plain einsums, f32 softmax; H query heads share K kv heads.
+
+    Heads go in front of the sequence axes before the matmuls, and the softmax is normalised
+    after the probability-value product (dividing [.., L, D] instead of [.., L, S]): on
+    XLA:CPU this makes forward + backward ~2x faster than the textbook order.
+    """
     B, L, H, D = q_BxLxHxD.shape
     K = k_BxSxKxD.shape[2]
-    q_BxLxKxGxD = q_BxLxHxD.reshape(B, L, K, H // K, D)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32)
-    scores = scores * D**-0.5
+    q_BxKxGxLxD = (q_BxLxHxD * D**-0.5).reshape(B, L, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    k_BxKxSxD = k_BxSxKxD.transpose(0, 2, 1, 3)
+    v_BxKxSxD = v_BxSxKxD.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxLxD, k_BxKxSxD, preferred_element_type=jnp.float32)
     scores = jnp.where(mask_BxLxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxD.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v_BxSxKxD)
-    return out.reshape(B, L, H, D)
+    # Every row has at least one allowed key (padding attends to itself), so the max is finite.
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.exp(scores - row_max)
+    out = jnp.einsum("bkgls,bksd->bkgld", weights.astype(v_BxSxKxD.dtype), v_BxKxSxD, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(weights, axis=-1, keepdims=True)
+    return out.astype(v_BxSxKxD.dtype).transpose(0, 3, 1, 2, 4).reshape(B, L, H, D)
 
 
 ATTENTION_IMPLEMENTATIONS = {"xla": xla_attention}

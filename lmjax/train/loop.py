@@ -22,6 +22,7 @@ from lmjax.data.pipeline import train_batches
 from lmjax.data.prefetch import Prefetcher
 from lmjax.eval.teacher_forced import evaluate_task, make_eval_step
 from lmjax.models import build_model
+from lmjax.registry import ConfigError
 from lmjax.monitor.metrics import MetricWriter
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.optimizer import make_optimizer
@@ -62,6 +63,18 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def parse_stop_when(text):
+    """'eval/qa_acc>=0.95' -> predicate on a metrics dict; '' -> never stop early."""
+    if not text:
+        return lambda metrics: False
+    for op, compare in ((">=", lambda a, b: a >= b), ("<=", lambda a, b: a <= b)):
+        if op in text:
+            name, threshold = text.split(op)
+            threshold = float(threshold)
+            return lambda metrics: name.strip() in metrics and compare(metrics[name.strip()], threshold)
+    raise ConfigError(f"train.stop_when must look like 'eval/qa_acc>=0.95' or 'eval/loss<=1.5', got {text!r}.")
+
+
 def train(config, workdir) -> dict:
     """Run (or resume) training in `workdir`; returns the summary also written to summary.json."""
     validate(config)
@@ -69,6 +82,8 @@ def train(config, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(to_json(config))
     t = config.train
+    should_stop = parse_stop_when(t.get("stop_when", ""))
+    reached = None
 
     task = build_task(config, workdir)
     model = build_model(config)
@@ -109,7 +124,7 @@ def train(config, workdir) -> dict:
     last_eval, last_log, window_tokens, window_start = {}, {}, 0, time.perf_counter()
     step = start
     try:
-        while step < t.steps and stop.received is None:
+        while step < t.steps and stop.received is None and reached is None:
             batch = next(prefetcher)
             window_tokens += int(np.count_nonzero(batch["segment_ids"]))
             state, metrics = train_step(state, batch)
@@ -129,9 +144,12 @@ def train(config, workdir) -> dict:
                 last_eval = evaluate_task(eval_step, state.params, task, config.eval.batch_size)
                 last_eval["time/since_start_s"] = seconds_since_process_start()
                 writer.write(step, last_eval)
+                if should_stop(last_eval):
+                    reached = step
                 bar.set_postfix({**{k.split("/")[-1]: f"{v:.3f}" for k, v in last_eval.items() if "acc" in k or k == "eval/loss"}}, refresh=False)
-            if step % config.checkpoint.every == 0 or step == t.steps or stop.received is not None:
-                checkpointer.save(step, state, prefetcher.get_state(), wait=step == t.steps or stop.received is not None)
+            last_step = step == t.steps or stop.received is not None or reached is not None
+            if step % config.checkpoint.every == 0 or last_step:
+                checkpointer.save(step, state, prefetcher.get_state(), wait=last_step)
             if step % t.log_every == 0:
                 window_tokens, window_start = 0, time.perf_counter()
     finally:
@@ -143,6 +161,7 @@ def train(config, workdir) -> dict:
     summary = {
         "step": step,
         "interrupted": stop.received is not None,
+        "stopped_early": reached is not None,
         "params": n_params,
         "seconds_since_start": round(seconds_since_process_start(), 2),
         **last_log,
