@@ -7,7 +7,7 @@ from lmjax.xla_flags import tune_xla_cpu_flags
 
 tune_xla_cpu_flags()  # before anything imports jax
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from lmjax.registry import ConfigError  # noqa: E402
@@ -54,6 +54,7 @@ def default_workdir(config):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     from lmjax.train.loop import train
 
     config = _CONFIG.value
