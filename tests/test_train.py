@@ -119,3 +119,14 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, subprocess_env):
     assert "stopped at step" in out
     steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and 0 < steps[0] < 1000
+
+
+def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path):
+    config = tiny_facts_config(**{"logging.wandb.mode": "offline", "train.steps": 4})
+    train(config, tmp_path)
+    run_id = (tmp_path / "wandb_id").read_text().strip()
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert runs, list((tmp_path / "wandb").iterdir())
+    config = tiny_facts_config(**{"logging.wandb.mode": "offline", "train.steps": 8})
+    train(config, tmp_path)
+    assert (tmp_path / "wandb_id").read_text().strip() == run_id

@@ -1,6 +1,7 @@
 """Metric sinks: WORKDIR/metrics.jsonl (always), tensorboardX events in WORKDIR/tb/, wandb."""
 import json
 import math
+import uuid
 from pathlib import Path
 
 
@@ -64,7 +65,7 @@ def _start_wandb(workdir, config):
     import wandb
 
     id_file = Path(workdir) / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     w = config.logging.wandb
     return wandb.init(
