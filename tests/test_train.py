@@ -130,3 +130,18 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path):
     config = tiny_facts_config(**{"logging.wandb.mode": "offline", "train.steps": 8})
     train(config, tmp_path)
     assert (tmp_path / "wandb_id").read_text().strip() == run_id
+
+
+def test_tool_mode_trains_on_tool_dialogs_and_reports_unseen_people(tmp_path):
+    from lmjax.data.datasets import build_task
+    from lmjax.data.tokenizer import ByteTokenizer
+
+    database = ByteTokenizer().special_id("database")
+    tool = build_task(tiny_facts_config(**{"data.mode": "tool", "train.seq_len": 160}), tmp_path / "tool")
+    weights = build_task(tiny_facts_config(), tmp_path / "weights")
+    assert all(database in e["inputs"] for e in tool.train)
+    assert not any(database in e["inputs"] for e in weights.train)
+    assert len(tool.eval_sets["qa"]) == 8 * 4 and len(tool.eval_sets["qa_unseen"]) == 4 * 4
+    assert "qa_unseen" not in weights.eval_sets
+    summary = train(tiny_facts_config(**{"data.mode": "tool", "train.seq_len": 160, "train.steps": 6}), tmp_path / "run")
+    assert {"eval/qa_acc", "eval/qa_unseen_acc"} <= set(summary)
