@@ -25,8 +25,9 @@ def get_config():
         name="facts", mode="weights", num_people=256, num_unseen=64, alpha=0.0, seed=0,
         include_biographies=False, pack=True, cache_dir="",  # "" = WORKDIR/data
     )
+    # No gradient clipping: clipping at 1.0 needs ~10% more steps to reach 95% here.
     c.optim = dict(
-        lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+        lr=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, clip_norm=0.0,
         schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, decay_fraction=0.2, grad_accum=1,
     )
     # Rows of 256 tokens hold ~3.5 packed dialogs: 32 rows ~ the original's 128 padded dialogs a step.
