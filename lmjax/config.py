@@ -126,3 +126,31 @@ def load_config_file(path, overrides=()):
 
 def to_json(config) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+# Keys that may change when a workdir is resumed; anything else would silently mix two runs.
+RESUMABLE_CHANGES = ("logging", "checkpoint", "train.steps", "train.stop_when", "train.log_every", "train.eval_every")
+
+
+def _flat(tree, prefix=""):
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat(value, path + ".")
+        else:
+            yield path, value
+
+
+def check_resume_compatible(saved: dict, config) -> None:
+    """Raise ConfigError if resuming a workdir saved with `saved` under `config` would mix runs."""
+    old, new = dict(_flat(saved)), dict(_flat(config.to_dict()))
+    changed = sorted(
+        key for key in old.keys() | new.keys()
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    )
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:5])
+        raise ConfigError(
+            f"The workdir holds a run with a different config: {shown}; "
+            f"use a new --workdir, or rerun with the saved values."
+        )

@@ -145,3 +145,13 @@ def test_tool_mode_trains_on_tool_dialogs_and_reports_unseen_people(tmp_path):
     assert "qa_unseen" not in weights.eval_sets
     summary = train(tiny_facts_config(**{"data.mode": "tool", "train.seq_len": 160, "train.steps": 6}), tmp_path / "run")
     assert {"eval/qa_acc", "eval/qa_unseen_acc"} <= set(summary)
+
+
+def test_resuming_with_a_different_model_is_a_clear_error(tmp_path):
+    from lmjax.registry import ConfigError
+
+    train(tiny_facts_config(**{"train.steps": 4}), tmp_path)
+    with pytest.raises(ConfigError, match=r"model.dim \(32 -> 64\)"):
+        train(tiny_facts_config(**{"model.dim": 64}), tmp_path)
+    # Changing only the length of training (or logging) resumes.
+    assert train(tiny_facts_config(**{"train.steps": 6}), tmp_path)["step"] == 6

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from lmjax.config import to_json, validate
+from lmjax.config import check_resume_compatible, to_json, validate
 from lmjax.data.datasets import build_task
 from lmjax.data.pipeline import train_batches
 from lmjax.data.prefetch import Prefetcher
@@ -80,7 +80,10 @@ def train(config, workdir) -> dict:
     validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(to_json(config))
+    saved_config = workdir / "config.json"
+    if saved_config.exists() and (workdir / "checkpoints").exists():
+        check_resume_compatible(json.loads(saved_config.read_text()), config)
+    saved_config.write_text(to_json(config))
     t = config.train
     should_stop = parse_stop_when(t.get("stop_when", ""))
     reached = None
