@@ -59,6 +59,7 @@ def validate(config):
     """Check a resolved config; raise ConfigError naming the key and the valid choices."""
     from lmjax.data.datasets import DATASETS
     from lmjax.models import ATTENTIONS, MODELS
+    from lmjax.models.transformer import REMAT_POLICIES
     from lmjax.train.schedules import SCHEDULES
 
     for section, keys in REQUIRED.items():
@@ -96,8 +97,6 @@ def validate(config):
         raise ConfigError(
             f"train.batch_size={config.train.batch_size} must be divisible by optim.grad_accum={config.optim.grad_accum}."
         )
-    from lmjax.models.transformer import REMAT_POLICIES
-
     if m.get("remat", "none") not in REMAT_POLICIES:
         raise ConfigError(f"Unknown remat policy {m.remat!r} in model.remat; choose one of: {', '.join(REMAT_POLICIES)}.")
     if m.get("init", "normal") not in ("normal", "fan_in"):

@@ -52,11 +52,9 @@ class Facts:
                 for r in facts.read_dialogs(folder / filename)
             ]
 
-        qa_file = "qa.jsonl" if d.mode == "weights" else "qatool.jsonl"
-        train = examples(qa_file)
-        if d.include_biographies:
-            train += examples("biographies.jsonl", loss_on="all")
-        eval_sets = {"qa": examples(qa_file)}
+        qa = examples("qa.jsonl" if d.mode == "weights" else "qatool.jsonl")
+        train = qa + examples("biographies.jsonl", loss_on="all") if d.include_biographies else qa
+        eval_sets = {"qa": qa}
         if d.mode == "tool":
             eval_sets["qa_unseen"] = examples("qatool_unseen.jsonl")
         return TaskData("facts", tokenizer.vocab_size, train, eval_sets, {"data_dir": str(folder)}, tokenizer)

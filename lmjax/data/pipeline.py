@@ -25,10 +25,11 @@ def check_lengths(examples: Sequence[dict], seq_len: int, what: str):
         )
 
 
-def _pad_one(example, seq_len):
+def _pad_one(example, seq_len, keys=PACKED_KEYS):
+    """One example as a row of `seq_len`: `keys` zero-padded, plus segment ids and positions."""
     n = len(example["inputs"])
     out = {}
-    for key in PACKED_KEYS:
+    for key in keys:
         padded = np.zeros(seq_len, np.int32)
         padded[:n] = example[key]
         out[key] = padded
@@ -86,17 +87,8 @@ def padded_batches(examples: Sequence[dict], *, seq_len: int, batch_size: int, k
     check_lengths(examples, seq_len, "evaluation")
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        rows = [_pad_extra(e, seq_len, keys) for e in chunk]
-        empty = _pad_extra({k: np.zeros(0, np.int32) for k in keys}, seq_len, keys)
+        rows = [_pad_one(e, seq_len, keys) for e in chunk]
+        empty = _pad_one({k: np.zeros(0, np.int32) for k in keys}, seq_len, keys)
         rows += [empty] * (batch_size - len(chunk))
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, len(chunk)
 
-
-def _pad_extra(example, seq_len, keys):
-    out = _pad_one({k: example.get(k, np.zeros(len(example["inputs"]), np.int32)) for k in PACKED_KEYS}, seq_len)
-    for key in keys:
-        if key not in out:
-            padded = np.zeros(seq_len, np.int32)
-            padded[: len(example[key])] = example[key]
-            out[key] = padded
-    return out

@@ -30,13 +30,18 @@ def _round_up(n, multiple=16):
     return -(-n // multiple) * multiple
 
 
-def evaluate(eval_step, params, examples, batch_size):
-    """Summed statistics over a list of examples, one example per row (no packing)."""
+def eval_batches(examples, batch_size):
+    """Fixed-shape padded batches of one eval set, built once per run: [(batch, n_real_rows)]."""
     examples = [e if "answer_mask" in e else {**e, "answer_mask": np.zeros_like(e["inputs"])} for e in examples]
     seq_len = _round_up(max(len(e["inputs"]) for e in examples))
     keys = ("inputs", "targets", "loss_mask", "answer_mask")
+    return list(padded_batches(examples, seq_len=seq_len, batch_size=batch_size, keys=keys))
+
+
+def evaluate(eval_step, params, batches):
+    """Summed statistics over the batches of one eval set."""
     totals = {"loss_sum": 0.0, "loss_tokens": 0.0, "answered": 0, "exact": 0}
-    for batch, n_real in padded_batches(examples, seq_len=seq_len, batch_size=batch_size, keys=keys):
+    for batch, n_real in batches:
         out = jax.device_get(eval_step(params, batch))
         out = {k: v[:n_real] for k, v in out.items()}
         totals["loss_sum"] += float(out["loss_sum"].sum())
@@ -47,13 +52,13 @@ def evaluate(eval_step, params, examples, batch_size):
     return totals
 
 
-def evaluate_task(eval_step, params, task, batch_size):
-    """Metrics for every eval set of a task: eval/{set}_acc for facts, eval/loss for text."""
+def evaluate_task(eval_step, params, kind, batches_by_set):
+    """Metrics for every eval set: eval/{set}_acc and _loss for facts, eval/loss for text."""
     metrics = {}
-    for name, examples in task.eval_sets.items():
-        totals = evaluate(eval_step, params, examples, batch_size)
+    for name, batches in batches_by_set.items():
+        totals = evaluate(eval_step, params, batches)
         loss = totals["loss_sum"] / max(totals["loss_tokens"], 1)
-        if task.kind == "facts":
+        if kind == "facts":
             metrics[f"eval/{name}_acc"] = totals["exact"] / max(totals["answered"], 1)
             metrics[f"eval/{name}_loss"] = loss
         else:

@@ -20,10 +20,10 @@ from lmjax.config import check_resume_compatible, to_json, validate
 from lmjax.data.datasets import build_task
 from lmjax.data.pipeline import train_batches
 from lmjax.data.prefetch import Prefetcher
-from lmjax.eval.teacher_forced import evaluate_task, make_eval_step
+from lmjax.eval.teacher_forced import eval_batches, evaluate_task, make_eval_step
 from lmjax.models import build_model
-from lmjax.registry import ConfigError
 from lmjax.monitor.metrics import MetricWriter
+from lmjax.registry import ConfigError
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.step import TrainState, make_train_step
@@ -69,9 +69,9 @@ def parse_stop_when(text):
         return lambda metrics: False
     for op, compare in ((">=", lambda a, b: a >= b), ("<=", lambda a, b: a <= b)):
         if op in text:
-            name, threshold = text.split(op)
+            name, threshold = (part.strip() for part in text.split(op))
             threshold = float(threshold)
-            return lambda metrics: name.strip() in metrics and compare(metrics[name.strip()], threshold)
+            return lambda metrics: name in metrics and compare(metrics[name], threshold)
     raise ConfigError(f"train.stop_when must look like 'eval/qa_acc>=0.95' or 'eval/loss<=1.5', got {text!r}.")
 
 
@@ -117,6 +117,7 @@ def train(config, workdir) -> dict:
     writer = MetricWriter(workdir, config, enabled=is_lead, resume_step=resume_step)
     train_step = make_train_step(model.apply, tx, schedule, config.optim.grad_accum)
     eval_step = make_eval_step(model.apply)
+    eval_sets = {name: eval_batches(examples, config.eval.batch_size) for name, examples in task.eval_sets.items()}
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     if start == 0:
         writer.write(0, {"model/params": n_params})
@@ -124,7 +125,8 @@ def train(config, workdir) -> dict:
     prefetcher = Prefetcher(batches)
     stop = StopSignal()
     bar = tqdm(total=t.steps, initial=start, disable=not (is_lead and config.logging.progress_bar), dynamic_ncols=True)
-    last_eval, last_log, window_tokens, window_start = {}, {}, 0, time.perf_counter()
+    last_eval, last_log = {}, {}
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
     step = start
     try:
         while step < t.steps and stop.received is None and reached is None:
@@ -132,29 +134,29 @@ def train(config, workdir) -> dict:
             window_tokens += int(np.count_nonzero(batch["segment_ids"]))
             state, metrics = train_step(state, batch)
             step += 1
+            window_steps += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start
-                steps_in_window = step - max(start, (step - 1) // t.log_every * t.log_every)
                 metrics["train/tokens_per_s"] = window_tokens / elapsed
-                metrics["train/step_time_s"] = elapsed / max(steps_in_window, 1)
-                metrics.pop("train/loss_tokens")
+                metrics["train/step_time_s"] = elapsed / window_steps
                 last_log = metrics
                 writer.write(step, metrics)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
             if step % t.eval_every == 0 or step == t.steps:
-                last_eval = evaluate_task(eval_step, state.params, task, config.eval.batch_size)
+                last_eval = evaluate_task(eval_step, state.params, task.kind, eval_sets)
                 last_eval["time/since_start_s"] = seconds_since_process_start()
                 writer.write(step, last_eval)
                 if should_stop(last_eval):
                     reached = step
-                bar.set_postfix({**{k.split("/")[-1]: f"{v:.3f}" for k, v in last_eval.items() if "acc" in k or k == "eval/loss"}}, refresh=False)
+                shown = {k.split("/")[-1]: f"{v:.3f}" for k, v in last_eval.items() if "acc" in k or k == "eval/loss"}
+                bar.set_postfix(shown, refresh=False)
             last_step = step == t.steps or stop.received is not None or reached is not None
             if step % config.checkpoint.every == 0 or last_step:
                 checkpointer.save(step, state, prefetcher.get_state(), wait=last_step)
-            if step % t.log_every == 0:
-                window_tokens, window_start = 0, time.perf_counter()
+            if step % t.log_every == 0:  # the next window times training steps only
+                window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
     finally:
         bar.close()
         prefetcher.close()

@@ -55,7 +55,6 @@ def make_train_step(apply_fn, tx, schedule, grad_accum: int = 1):
             "train/loss": loss_sum / n_tokens,
             "train/grad_norm": optax.tree.norm(grads),
             "train/lr": schedule(state.step),
-            "train/loss_tokens": n_tokens,
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
