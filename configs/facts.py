@@ -19,11 +19,14 @@ def get_config():
     c.model = dict(
         dim=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=256, vocab_size=260,
         tie_embeddings=False, rope_base=10000.0, norm_eps=1e-5, init="normal", remat="none",
-        scan_layers=False, param_dtype="float32", compute_dtype="float32",
+        scan_layers=False, param_dtype="float32", compute_dtype="float32", prefix_lm=False,
     )
     c.data = dict(
         name="facts", mode="weights", num_people=256, num_unseen=64, alpha=0.0, seed=0,
         include_biographies=False, pack=True, cache_dir="",  # "" = WORKDIR/data
+        # In-tool only: qatool dialogs about people outside the database, so that copying the
+        # tool's reply, not memorising it, is what training rewards.
+        tool_practice_people=2048,
     )
     # No gradient clipping: clipping at 1.0 needs ~10% more steps to reach 95% here.
     c.optim = dict(
@@ -32,9 +35,10 @@ def get_config():
     )
     # Rows of 256 tokens hold ~3.5 packed dialogs: 32 rows ~ the original's 128 padded dialogs a step.
     c.train = dict(
-        steps=1500, batch_size=32, seq_len=256, log_every=25, eval_every=50, stop_when="eval/qa_acc>=0.95",
+        steps=3000, batch_size=32, seq_len=256, log_every=25, eval_every=50, stop_when="eval/qa_acc>=0.96",
     )
-    c.eval = dict(batch_size=256)
+    # At the end: recall through free generation (tools executed in-tool) on every trained fact.
+    c.eval = dict(batch_size=256, recall=True, recall_lanes=64, recall_chunk=16)
     c.logging = dict(tensorboard=True, progress_bar=True, wandb=dict(mode="disabled", project="lmjax", entity="", name=""))
     c.checkpoint = dict(every=200, keep=2, async_save=True)
     return c

@@ -82,3 +82,15 @@ def test_errors_for_unknown_source_empty_dialog_and_bad_loss_on():
         encode_dialog(tok, [])
     with pytest.raises(ValueError, match="loss_on"):
         encode_dialog(tok, TOOL_DIALOG, loss_on="user")
+
+
+def test_prompt_mask_is_everything_up_to_the_first_assistant_header():
+    tok = ByteTokenizer()
+    out = encode_dialog(tok, TOOL_DIALOG)
+    assert positions(out["prompt_mask"]) == [0, 1, 2, 3]  # <user> h i <assistant>
+    example = to_training_example(out)
+    assert example["prompt"].tolist() == [1, 1, 1, 1] + [0] * 9  # indexed like inputs
+    # The first target (the first assistant byte) is predicted from the last prompt token.
+    assert example["loss_mask"][3] == 1 and example["prompt"][3] == 1 and example["loss_mask"][2] == 0
+    assert not encode_dialog(tok, TOOL_DIALOG, "all")["prompt_mask"].any()
+    assert not encode_dialog(tok, [{"source": "user", "content": "x"}])["prompt_mask"].any()

@@ -73,3 +73,20 @@ def test_causal_mask_is_lower_triangular():
     mask = np.asarray(causal_mask(3, 9))
     assert mask.shape == (3, 9, 9) and mask.dtype == np.bool_
     np.testing.assert_array_equal(mask, np.broadcast_to(np.tril(np.ones((9, 9), dtype=bool)), (3, 9, 9)))
+
+
+def test_cache_mask_equals_the_training_mask_for_one_sequence():
+    from lmjax.models.masks import cache_attention_mask
+
+    rng = np.random.default_rng(5)
+    L, P, S = 12, 5, 16
+    prompt = np.arange(L) < P
+    training = naive_mask(np.ones((1, L), np.int32), prompt[None])[0]
+    # Prefill the prompt in one chunk, then the rest in chunks of random sizes.
+    start = 0
+    for size in [P] + list(np.diff([P, *sorted(rng.choice(np.arange(P + 1, L), 3, replace=False)), L])):
+        positions = np.arange(start, start + size)[None]
+        got = np.asarray(cache_attention_mask(positions, S, prompt[None, start : start + size]))[0]
+        np.testing.assert_array_equal(got[:, :L], training[start : start + size])
+        assert not got[:, L:].any()
+        start += size

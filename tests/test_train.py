@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, cli, tiny_facts_config, tiny_facts_overrides
 from lmjax.train.loop import train
 
-TIMING_KEYS = ("train/tokens_per_s", "train/step_time_s", "time/since_start_s")
+TIMING_KEYS = ("time/recall_s", "train/tokens_per_s", "train/step_time_s", "time/since_start_s")
 
 
 def metric_rows(workdir):

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 LOGICAL_NAMES = {"layers", "vocab", "embed", "heads", "kv", "mlp"}
 
 # Small enough to compile in about a second; 4 query heads over 2 kv heads exercises GQA.
-SMALL = TransformerConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64)
+SMALL = TransformerConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64, prefix_lm=True)
+# prefix_lm=True: the prompt argument is honoured (a model without it ignores prompts; tested below).
 B, L = 4, 12  # one shape for most tests, so each model variant compiles once
 
 # Compiling `init` (threefry random bits for every tensor) costs seconds on a small CPU, so most
@@ -325,3 +326,16 @@ def test_prefix_lm_is_bidirectional_in_the_prompt_and_causal_after_it():
     for i, t in enumerate(edits[1:], start=1):
         assert with_prompt[i] == set(range(t, L))
         assert without_prompt[i] == set(range(t, L))
+
+
+def test_prompt_is_ignored_unless_the_model_is_prefix_lm():
+    cfg = dataclasses.replace(SMALL, prefix_lm=False)
+    params = random_params(cfg)
+    tokens = random_tokens(9, (B, L), cfg.vocab_size)
+    positions, segments, no_prompt = plain_rows()
+    prompt = jnp.broadcast_to(jnp.arange(L) < 5, (B, L))
+    apply = logits_fn(cfg)
+    np.testing.assert_array_equal(
+        np.asarray(apply(params, tokens, positions, segments, prompt)),
+        np.asarray(apply(params, tokens, positions, segments, no_prompt)),
+    )

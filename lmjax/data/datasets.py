@@ -54,10 +54,19 @@ class Facts:
 
         qa = examples("qa.jsonl" if d.mode == "weights" else "qatool.jsonl")
         train = qa + examples("biographies.jsonl", loss_on="all") if d.include_biographies else qa
+        if d.mode == "tool" and d.get("tool_practice_people", 0):
+            names = {person["name"] for person in facts.build_population(d.num_people, d.seed, d.num_unseen, d.alpha)}
+            practice = facts.tool_practice_dialogs(d.tool_practice_people, d.seed, names)
+            train = train + [
+                to_training_example(encode_dialog(tokenizer, r["dialog"], answer=r["answer"])) for r in practice
+            ]
         eval_sets = {"qa": qa}
+        recall_sets = {"qa": str(folder / ("qa.jsonl" if d.mode == "weights" else "qatool.jsonl"))}
         if d.mode == "tool":
             eval_sets["qa_unseen"] = examples("qatool_unseen.jsonl")
-        return TaskData("facts", tokenizer.vocab_size, train, eval_sets, {"data_dir": str(folder)}, tokenizer)
+            recall_sets["qa_unseen"] = str(folder / "qatool_unseen.jsonl")
+        info = {"data_dir": str(folder), "recall_sets": recall_sets}
+        return TaskData("facts", tokenizer.vocab_size, train, eval_sets, info, tokenizer)
 
 
 @DATASETS.register("shakespeare")

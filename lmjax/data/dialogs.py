@@ -34,6 +34,9 @@ def encode_dialog(
     loss_on="all": every position except 0 (pure pretraining; nothing predicts token 0).
     answer: the last assistant turn must end with f"{answer}."; `answer_mask` marks exactly
       the answer's bytes (not the period). None or "" leaves `answer_mask` all False.
+    `prompt_mask` marks the prompt of a prefix-LM: every token up to and including the header
+    of the first assistant turn (what the generation engine prefills). With loss_on="all" or
+    without an assistant turn it is empty, so no target is ever visible from the prompt.
     """
     if loss_on not in LOSS_ON_CHOICES:
         raise ValueError(f"Unknown loss_on {loss_on!r}; choose one of: {', '.join(LOSS_ON_CHOICES)}.")
@@ -61,6 +64,11 @@ def encode_dialog(
             last_assistant_content_end = len(tokens)
     tokens.append(tokenizer.eod_id)
     is_target.append(dialog[-1]["source"] == "assistant")
+    prompt_mask = np.zeros(len(tokens), dtype=bool)
+    first_assistant = next((i for i, t in enumerate(dialog) if t["source"] == "assistant"), None)
+    if loss_on == "assistant" and first_assistant is not None:
+        header_index = sum(1 + len(tokenizer.encode(t["content"])) for t in dialog[:first_assistant])
+        prompt_mask[: header_index + 1] = True
 
     n = len(tokens)
     if loss_on == "all":
@@ -87,6 +95,7 @@ def encode_dialog(
         "tokens": np.asarray(tokens, dtype=np.int32),
         "loss_mask": loss_mask,
         "answer_mask": answer_mask,
+        "prompt_mask": prompt_mask,
     }
 
 
@@ -98,4 +107,6 @@ def to_training_example(encoded: dict) -> dict:
         "targets": tokens[1:],
         "loss_mask": np.asarray(encoded["loss_mask"][1:], dtype=np.int32),
         "answer_mask": np.asarray(encoded["answer_mask"][1:], dtype=np.int32),
+        # Indexed like inputs: input i is a prompt token.
+        "prompt": np.asarray(encoded["prompt_mask"][:-1], dtype=np.int32),
     }

@@ -237,9 +237,12 @@ def qa_dialog(people_id: int, person: dict, attribute: str) -> dict:
 
 def qatool_dialog(people_id: int, person: dict, attribute: str, database: FactsDatabase) -> dict:
     """Question, query block, the tool's real reply, answer sentence built from that reply."""
+    return qatool_record(people_id, person, attribute, database.run(format_query(attribute, person["name"])))
+
+
+def qatool_record(people_id: int, person: dict, attribute: str, reply: str) -> dict:
     name = person["name"]
     query = format_query(attribute, name)
-    reply = database.run(query)
     return {
         "dialog": [
             {"source": "user", "content": QUESTIONS[attribute].format(name=name)},
@@ -251,6 +254,22 @@ def qatool_dialog(people_id: int, person: dict, attribute: str, database: FactsD
         "attribute": attribute,
         "answer": reply,
     }
+
+
+def tool_practice_dialogs(num: int, seed: int, exclude_names) -> list[dict]:
+    """qatool dialogs about `num` extra people who are in no database and no eval set.
+
+    In-tool training on only N people lets a model memorise their replies instead of learning
+    to copy the tool's reply; these people make memorising pointless. Their `people_id`s are
+    negative. The same (num, seed, exclude_names) always gives the same dialogs.
+    """
+    exclude = set(exclude_names)
+    pool = len(FIRST_NAMES) * len(LAST_NAMES)
+    if num + len(exclude) > pool:
+        raise ValueError(f"Only {pool - len(exclude)} names are left for {num} practice people; lower the number.")
+    drawn = build_population(num + len(exclude), seed + 1, num_unseen=0)
+    people = [p for p in drawn if p["name"] not in exclude][:num]
+    return [qatool_record(-1 - i, person, a, person[a]) for i, person in enumerate(people) for a in ATTRIBUTES]
 
 
 # ----------------------------------------------------------------------------- files

@@ -1,7 +1,8 @@
 """grain pipelines: training examples -> shuffled, packed (or padded), fixed-shape batches.
 
 An example is a dict of equal-length 1-D int32 arrays `inputs`, `targets`, `loss_mask` (already
-shifted: loss_mask[i] weights the prediction of targets[i]). A batch is a dict of [B, L] int32
+shifted: loss_mask[i] weights the prediction of targets[i]) and optionally `prompt` (input i is
+a prefix-LM prompt token; zeros when absent). A batch is a dict of [B, L] int32
 arrays with those keys plus `segment_ids` (0 = padding) and `positions` (restarting at 0 in each
 packed example), so attention and RoPE never cross example boundaries.
 
@@ -13,7 +14,13 @@ from typing import Sequence
 import grain
 import numpy as np
 
-PACKED_KEYS = ("inputs", "targets", "loss_mask")
+PACKED_KEYS = ("inputs", "targets", "loss_mask", "prompt")
+
+
+def _with_prompt(example):
+    if "prompt" in example:
+        return example
+    return {**example, "prompt": np.zeros(len(example["inputs"]), np.int32)}
 
 
 def check_lengths(examples: Sequence[dict], seq_len: int, what: str):
@@ -27,6 +34,7 @@ def check_lengths(examples: Sequence[dict], seq_len: int, what: str):
 
 def _pad_one(example, seq_len, keys=PACKED_KEYS):
     """One example as a row of `seq_len`: `keys` zero-padded, plus segment ids and positions."""
+    example = _with_prompt(example)
     n = len(example["inputs"])
     out = {}
     for key in keys:
@@ -62,11 +70,11 @@ def train_batches(
     """
     if isinstance(examples, list):
         check_lengths(examples, seq_len, "training")
-        examples = [{k: np.asarray(e[k], np.int32) for k in PACKED_KEYS} for e in examples]
+        examples = [{k: np.asarray(e[k], np.int32) for k in PACKED_KEYS} for e in map(_with_prompt, examples)]
     source = grain.MapDataset.source(examples)[shard_index::shard_count]
     # In-memory examples: reading threads would only add per-element overhead (4x slower).
     no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-    stream = source.shuffle(seed=seed).repeat(None).to_iter_dataset(no_threads)
+    stream = source.map(_with_prompt).shuffle(seed=seed).repeat(None).to_iter_dataset(no_threads)
     if pack:
         stream = grain.experimental.FirstFitPackIterDataset(
             stream,

@@ -11,7 +11,7 @@ def make_eval_step(apply_fn):
     """Jitted (params, batch) -> per-row sums: loss, loss tokens, answer tokens, correct answer tokens."""
 
     def eval_step(params, batch):
-        logits = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"])
+        logits = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], batch["prompt"])
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         loss_mask = batch["loss_mask"].astype(jnp.float32)
         answer_mask = batch["answer_mask"].astype(jnp.int32)
@@ -32,9 +32,13 @@ def _round_up(n, multiple=16):
 
 def eval_batches(examples, batch_size):
     """Fixed-shape padded batches of one eval set, built once per run: [(batch, n_real_rows)]."""
-    examples = [e if "answer_mask" in e else {**e, "answer_mask": np.zeros_like(e["inputs"])} for e in examples]
+    def complete(example):
+        zeros = np.zeros_like(example["inputs"])
+        return {"answer_mask": zeros, "prompt": zeros, **example}
+
+    examples = [complete(e) for e in examples]
     seq_len = _round_up(max(len(e["inputs"]) for e in examples))
-    keys = ("inputs", "targets", "loss_mask", "answer_mask")
+    keys = ("inputs", "targets", "loss_mask", "answer_mask", "prompt")
     return list(padded_batches(examples, seq_len=seq_len, batch_size=batch_size, keys=keys))
 
 

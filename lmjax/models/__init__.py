@@ -18,7 +18,7 @@ def build_transformer(config):
             n_kv_heads=m.n_kv_heads, mlp_hidden=m.mlp_hidden, tie_embeddings=m.tie_embeddings,
             rope_base=m.rope_base, norm_eps=m.norm_eps, init=m.init, remat=m.remat,
             scan_layers=m.scan_layers, attention=config.implementation.attention,
-            param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+            param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, prefix_lm=m.get("prefix_lm", False),
         )
     )
 

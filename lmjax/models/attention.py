@@ -42,7 +42,11 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxE, rope_cos, rope_sin, mask_BxLxS):
+    def __call__(self, x_BxLxE, rope_cos, rope_sin, mask_BxLxS, layer_cache=None, write_slots_BxL=None):
+        """Without a cache: self-attention over the L tokens. With `layer_cache` = (k, v), each
+        [B, S, kv_heads, head_dim]: the chunk's keys/values are written at `write_slots_BxL`
+        (slots >= S are dropped: padding), the queries attend over all S slots through the
+        mask, and the updated (k, v) is returned beside the output."""
         head_dim = self.dim // self.n_heads
 
         def proj(name, heads):
@@ -55,9 +59,17 @@ class Attention(nn.Module):
         q = apply_rope(proj("wq", self.n_heads), rope_cos, rope_sin)
         k = apply_rope(proj("wk", self.n_kv_heads), rope_cos, rope_sin)
         v = proj("wv", self.n_kv_heads)
+        new_cache = None
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            rows_Bx1 = jnp.arange(k.shape[0])[:, None]
+            k = k_cache.at[rows_Bx1, write_slots_BxL].set(k.astype(k_cache.dtype), mode="drop")
+            v = v_cache.at[rows_Bx1, write_slots_BxL].set(v.astype(v_cache.dtype), mode="drop")
+            new_cache = (k, v)
         out_BxLxHxD = ATTENTION_IMPLEMENTATIONS[self.implementation](q, k, v, mask_BxLxS)
-        return Projection(
+        out = Projection(
             (self.n_heads, head_dim), (self.dim,), ("heads", "kv", "embed"),
             init_for(self.init_scheme, self.dim, self.n_layers, "out"),
             self.param_dtype, self.dtype, name="wo",
-        )(out_BxLxHxD)
+        )(out_BxLxHxD.astype(self.dtype))
+        return out if layer_cache is None else (out, new_cache)

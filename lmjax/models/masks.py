@@ -24,3 +24,19 @@ def attention_mask(segment_ids_BxL, prompt_BxL=None):
 def causal_mask(batch: int, length: int):
     """Plain causal mask for unpacked sequences."""
     return attention_mask(jnp.ones((batch, length), dtype=jnp.int32))
+
+
+def cache_attention_mask(positions_BxL, cache_len: int, prompt_BxL=None):
+    """Mask [B, L, S] of chunk queries against the S slots of a KV cache (generation).
+
+    Slot j holds the token at position j. A query at position p sees slots j <= p; a prompt
+    query (prefix-LM) also sees every prompt slot, the prompt being positions below the
+    largest prompt position in the chunk. The whole prompt must therefore arrive in one chunk,
+    which is what prefill does. Same rule as `attention_mask` for one unpacked sequence.
+    """
+    slots = jnp.arange(cache_len)[None, None, :]
+    may_attend = slots <= positions_BxL[:, :, None]
+    if prompt_BxL is not None:
+        prompt_len_B = jnp.max(jnp.where(prompt_BxL, positions_BxL + 1, 0), axis=1)
+        may_attend = may_attend | (prompt_BxL[:, :, None] & (slots < prompt_len_B[:, None, None]))
+    return may_attend

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from lmjax.models.attention import Attention
 from lmjax.models.layers import Embedding, Projection, RMSNorm, init_for, rope_angles
-from lmjax.models.masks import attention_mask
+from lmjax.models.masks import attention_mask, cache_attention_mask
 
 REMAT_POLICIES = {
     "none": None,
@@ -34,6 +34,12 @@ class TransformerConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     scan_layers: bool = True
+    prefix_lm: bool = False  # prompt tokens attend to each other both ways
+
+
+def _same_kind(cache, k, v):
+    """Return (k, v) in the container the caller passed: a plain pair or a NamedTuple cache."""
+    return type(cache)(k, v) if hasattr(cache, "_fields") else (k, v)
 
 
 class MLP(nn.Module):
@@ -55,21 +61,36 @@ class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxLxE, rope, mask_BxLxS):
+    def __call__(self, x_BxLxE, rope, mask_BxLxS, layer_cache=None, write_slots_BxL=None):
+        """(output, updated layer cache or None): the shape nn.scan wants (carry, per-layer out)."""
         c = self.cfg
         dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
         attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.n_layers, c.init, c.attention, pdt, dt, name="attention")
-        h = x_BxLxE + attn(RMSNorm(c.norm_eps, pdt, dt, name="attention_norm")(x_BxLxE), *rope, mask_BxLxS)
+        normed = RMSNorm(c.norm_eps, pdt, dt, name="attention_norm")(x_BxLxE)
+        attended = attn(normed, *rope, mask_BxLxS, layer_cache, write_slots_BxL)
+        new_cache = None
+        if layer_cache is not None:
+            attended, new_cache = attended
+        h = x_BxLxE + attended
         out = h + MLP(c, name="mlp")(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
-        return nn.with_logical_constraint(out, ("batch", "length", "embed")), None
+        return nn.with_logical_constraint(out, ("batch", "length", "embed")), new_cache
 
 
 class Transformer(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None):
-        """Logits [B, L, V] in f32. Default: one causal sequence per row starting at position 0."""
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None, logits_at_B=None):
+        """Logits [B, L, V] in f32. Default: one causal sequence per row starting at position 0.
+
+        `segment_ids_BxL`: packed sequences (0 = padding). `prompt_BxL`: prompt tokens, which
+        attend to each other both ways when the config says `prefix_lm` (ignored otherwise).
+
+        Generation: `cache` = (k, v), each [layers, B, S, kv_heads, head_dim]. The L tokens of
+        each row are a chunk at `positions_BxL` (required), written into cache slots equal to
+        their positions where `segment_ids_BxL` is non-zero. Returns (logits, updated cache).
+        `logits_at_B` picks one position per row: logits are then [B, V].
+        """
         c = self.cfg
         dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
         B, L = tokens_BxL.shape
@@ -77,7 +98,14 @@ class Transformer(nn.Module):
             positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones((B, L), jnp.int32)
-        mask_BxLxS = attention_mask(segment_ids_BxL, prompt_BxL)
+        if not c.prefix_lm:
+            prompt_BxL = None
+        if cache is None:
+            mask_BxLxS, write_slots_BxL = attention_mask(segment_ids_BxL, prompt_BxL), None
+        else:
+            cache_len = cache[0].shape[2]
+            mask_BxLxS = cache_attention_mask(positions_BxL, cache_len, prompt_BxL)
+            write_slots_BxL = jnp.where(segment_ids_BxL != 0, positions_BxL, cache_len)
         rope = rope_angles(positions_BxL, c.dim // c.n_heads, c.rope_base)
 
         embed = Embedding(c.vocab_size, c.dim, init_for(c.init, c.dim, c.n_layers, "embed"), pdt, dt, name="embed")
@@ -86,23 +114,38 @@ class Transformer(nn.Module):
         block = Block
         if REMAT_POLICIES[c.remat] is not None or c.remat == "full":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+        new_cache = None
         if not c.scan_layers:
+            if cache is not None:
+                k_all, v_all = cache
             for i in range(c.n_layers):
-                x, _ = block(c, name=f"layer_{i}")(x, rope, mask_BxLxS)
+                layer_cache = None if cache is None else (k_all[i], v_all[i])
+                x, updated = block(c, name=f"layer_{i}")(x, rope, mask_BxLxS, layer_cache, write_slots_BxL)
+                if cache is not None:
+                    k_all, v_all = k_all.at[i].set(updated[0]), v_all.at[i].set(updated[1])
+            if cache is not None:
+                new_cache = _same_kind(cache, k_all, v_all)
         else:
-          layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=c.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-          )(c, name="layers")
-          x, _ = layers(x, rope, mask_BxLxS)
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=c.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, name="layers")
+            x, updated = layers(x, rope, mask_BxLxS, None if cache is None else tuple(cache), write_slots_BxL)
+            if cache is not None:
+                new_cache = _same_kind(cache, *updated)
+        if logits_at_B is not None:
+            x = x[jnp.arange(B), logits_at_B][:, None, :]
         x = RMSNorm(c.norm_eps, pdt, dt, name="final_norm")(x)
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
             head_init = init_for(c.init, c.dim, c.n_layers, "in")
             logits = Projection((c.dim,), (c.vocab_size,), ("embed", "vocab"), head_init, pdt, dt, name="lm_head")(x)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        if logits_at_B is not None:
+            logits = logits[:, 0]
+        return logits if cache is None else (logits, new_cache)

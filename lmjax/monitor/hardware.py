@@ -62,3 +62,18 @@ def flops_limit(device=None, dtype: str = "float32") -> tuple[float, str]:
     if peak is not None:
         return peak, f"peak table ({device.device_kind})"
     return measure_matmul_flops(dtype=dtype, device=device), f"measured matmul ({device.device_kind})"
+
+
+def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5, device=None) -> float:
+    """Bytes/s of reading a large f32 array once (a jitted sum): the memory-bandwidth floor's unit."""
+    device = device or jax.devices()[0]
+    x = jax.device_put(jnp.ones((n_bytes // 4,), jnp.float32), device)
+    total = jax.jit(jnp.sum)
+    for _ in range(2):
+        total(x).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return n_bytes / statistics.median(seconds)

@@ -1,0 +1,17 @@
+"""Tools a model may call during generation, by name (`--tools facts`).
+
+A tool is built from the task's data folder and is a function query text -> reply text that
+raises `ToolError` (facts_db) for a query it cannot answer.
+"""
+from pathlib import Path
+
+from lmjax.registry import Registry
+
+TOOLS = Registry("tools")
+
+
+@TOOLS.register("facts")
+def facts_tool(data_dir):
+    from lmjax.tools.facts_db import FactsDatabase
+
+    return FactsDatabase(Path(data_dir) / "people.db").run

@@ -43,6 +43,15 @@ def init_state_fn(model, tx, seq_len):
     return init_state
 
 
+def abstract_train_state(init_state, seed):
+    """Shapes, dtypes and (one-device) shardings of the train state, for restoring a checkpoint."""
+    device = jax.devices()[0]
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+        jax.eval_shape(init_state, jax.random.PRNGKey(seed)),
+    )
+
+
 class StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
 
@@ -92,11 +101,7 @@ def train(config, workdir) -> dict:
     model = build_model(config)
     tx, schedule = make_optimizer(config.optim, t.steps)
     init_state = init_state_fn(model, tx, t.seq_len)
-    device = jax.devices()[0]
-    abstract_state = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-        jax.eval_shape(init_state, jax.random.PRNGKey(config.seed)),
-    )
+    abstract_state = abstract_train_state(init_state, config.seed)
 
     batches = iter(
         train_batches(
@@ -162,6 +167,14 @@ def train(config, workdir) -> dict:
         prefetcher.close()
         stop.restore()
         checkpointer.close()
+
+    if task.kind == "facts" and config.eval.get("recall", False) and stop.received is None:
+        from lmjax.eval.recall import recall_metrics
+
+        recall = recall_metrics(model, state.params, task, config, progress=is_lead and config.logging.progress_bar)
+        recall["time/since_start_s"] = seconds_since_process_start()
+        writer.write(step, recall)
+        last_eval = {**last_eval, **recall}
 
     summary = {
         "step": step,

@@ -1,0 +1,77 @@
+"""python -m lmjax.generate --workdir W --prompt "When was Jana Wagner born?" [--tools facts]
+
+Prints each completion after its prompt; `--json` prints one JSON object per prompt instead.
+`--prompts FILE.jsonl`: one object per line with "prompt" (text) or a facts "dialog" (its first
+user turn is the prompt).
+"""
+import argparse
+import json
+import sys
+
+from lmjax.xla_flags import tune_xla_cpu_flags
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m lmjax.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="a training run folder (its latest checkpoint is used)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="JSONL file of prompts")
+    p.add_argument("--tools", default=None, help="tool to execute mid-generation: facts")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0 = off")
+    p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--min_p", type=float, default=0.0, help="0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lanes", type=int, default=8)
+    p.add_argument("--max_len", type=int, default=None, help="cache slots per lane (default: train.seq_len)")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    return p.parse_args(argv)
+
+
+def read_prompts(path):
+    prompts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "prompt" in record:
+                prompts.append(record["prompt"])
+            elif "dialog" in record:
+                prompts.append(next(t["content"] for t in record["dialog"] if t["source"] == "user"))
+            else:
+                raise ValueError(f"{path}:{n} has neither 'prompt' nor 'dialog'.")
+    return prompts
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    tune_xla_cpu_flags()
+    from lmjax.generate.api import Generator
+    from lmjax.registry import ConfigError
+
+    try:
+        prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+        if not prompts:
+            raise ValueError("Give --prompt TEXT or --prompts FILE.jsonl.")
+        generator = Generator.from_workdir(args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, lanes=args.lanes)
+        completions = generator.generate(
+            prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, progress=len(prompts) > 1 and not args.json,
+        )
+    except (ValueError, ConfigError, FileNotFoundError) as error:
+        print(f"lmjax.generate: error: {error}", file=sys.stderr)
+        return 2
+    for prompt, c in zip(prompts, completions):
+        if args.json:
+            calls = [{k: v for k, v in call.items() if k != "injected"} for call in c.tool_calls]
+            print(json.dumps({"prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "tool_calls": calls}))
+        else:
+            print(f">>> {prompt}\n{c.text}\n[{c.finish_reason}, {len(c.tool_calls)} tool call(s)]\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""`Generator`: text in, completions out, over the lane engine (the Python API)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from lmjax.generate.decoder import Decoder
+from lmjax.generate.engine import DialogFormat, LaneEngine, Request
+from lmjax.tools import TOOLS
+
+
+class Generator:
+    """Holds a compiled decoder for (lanes, max_len, chunk); reuse it across calls."""
+
+    def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0):
+        self.tokenizer = tokenizer
+        self.format = DialogFormat.for_tokenizer(tokenizer)
+        decoder = Decoder(model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk)
+        self.engine = LaneEngine(decoder, params, tokenizer, tool=tool, tool_timeout_s=tool_timeout_s)
+
+    @classmethod
+    def from_workdir(cls, workdir, *, step=None, tools=None, max_len=None, **options):
+        """A generator for a training run's checkpoint; `tools="facts"` attaches its database."""
+        from lmjax.generate.load import load_run
+
+        config, model, params, task = load_run(workdir, step)
+        tool = TOOLS.get(tools)(task.info["data_dir"]) if tools else None
+        return cls(model, params, task.tokenizer, max_len=max_len or config.train.seq_len, tool=tool, **options)
+
+    def prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids as given, or for text: a user turn opening an assistant turn (dialog models),
+        the plain encoding otherwise."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.format.turn_id is None:
+            return list(self.tokenizer.encode(prompt))
+        user = self.tokenizer.special_id("user")
+        return [user, *self.tokenizer.encode(prompt), self.format.turn_id] if prompt else []
+
+    def generate(self, prompts, *, progress=False, seed=0, **sampling):
+        """Completions (tokens, text, finish reason, tool calls) for a list of prompts.
+
+        `sampling`: max_new_tokens, temperature, top_k, top_p, min_p (the same for all prompts);
+        prompt i samples with seed `seed + i`.
+        """
+        requests = [Request(self.prompt_tokens(p), seed=seed + i, id=i, **sampling) for i, p in enumerate(prompts)]
+        return self.engine.generate(requests, progress=progress)

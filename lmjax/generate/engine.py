@@ -1,0 +1,253 @@
+"""The lane engine: continuous batching over a fixed number of lanes, with tool calls.
+
+Each lane holds one dialog. The device decodes all lanes in chunks (`Decoder.decode`); the host
+looks at the lanes only between chunks. There it
+
+  * refills finished lanes from the queue (the new prompts are prefilled together),
+  * starts a tool call for every lane that ended an assistant turn with `<|database|>`: the
+    query is that turn's text; the call runs in its own thread, so a slow tool delays only
+    its own lane while the others keep decoding,
+  * writes every finished tool reply into its lane's cache at the lane's position
+    (`<|database|>` reply `<|assistant|>`, one prefill) and lets the lane decode on.
+
+A malformed query, an unknown person, a tool exception or a time-out becomes the reply
+`error: ...`, which the model reads like any other reply: the engine never raises for them.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from lmjax.generate.decoder import Decoder, LaneRequests, request_key
+from lmjax.generate.sampling import SamplingParams, check_sampling
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: Sequence[int]  # token ids, prefilled as one prompt chunk
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    id: Any = None
+
+
+@dataclasses.dataclass
+class Completion:
+    id: Any
+    prompt: list[int]
+    tokens: list[int]  # everything after the prompt: generated tokens and injected tool replies
+    text: str
+    finish_reason: str  # stop | length | cache_full | tool_call (a call with no tool attached)
+    tool_calls: list[dict] = dataclasses.field(default_factory=list)  # {query, reply, ok, seconds}
+
+
+@dataclasses.dataclass
+class DialogFormat:
+    """Special token ids of the dialog format; None for plain text (no stops, no tools)."""
+
+    stop_ids: tuple  # end a lane's generation (the tool-call token among them)
+    call_id: int | None = None  # `<|database|>`: the assistant hands over to the tool
+    turn_id: int | None = None  # `<|assistant|>`: opens an assistant turn
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer):
+        if not hasattr(tokenizer, "special_id"):
+            return cls(stop_ids=())
+        ids = {name: tokenizer.special_id(name) for name in ("eod", "user", "database", "assistant")}
+        return cls(stop_ids=(ids["eod"], ids["user"], ids["database"]), call_id=ids["database"], turn_id=ids["assistant"])
+
+
+class ToolRunner:
+    """Runs one tool call per thread; a call past its time-out is answered with an error."""
+
+    def __init__(self, tool: Callable[[str], str], timeout_s: float):
+        self.tool, self.timeout_s = tool, timeout_s
+
+    def start(self, query: str):
+        future = concurrent.futures.Future()
+
+        def run():
+            try:
+                future.set_result(("ok", self.tool(query)))
+            except Exception as error:  # noqa: BLE001 - any tool failure becomes a reply
+                future.set_result(("error", error))
+
+        # A daemon thread per call: a hung tool can never occupy a pool the other lanes need.
+        threading.Thread(target=run, daemon=True).start()
+        return future, time.monotonic() + self.timeout_s
+
+    def reply(self, future, started):
+        """(reply text, ok) for a finished or timed-out call."""
+        if not future.done():
+            return f"error: the tool timed out after {self.timeout_s:g} s", False
+        status, value = future.result()
+        if status == "ok":
+            return str(value), True
+        if type(value).__name__ == "ToolError":
+            return f"error: {value}", False
+        return f"error: the tool failed ({type(value).__name__}: {value})", False
+
+
+@dataclasses.dataclass
+class _Lane:
+    index: int  # position of the request in the caller's list
+    request: Request
+    tokens: list[int]  # prompt + everything after it; the last one is not in the cache yet
+    n_prompt: int
+    tool_calls: list = dataclasses.field(default_factory=list)
+    pending_call: tuple | None = None  # (future, deadline, query, started)
+
+
+def validate_requests(requests: Sequence[Request], vocab_size: int, max_len: int):
+    for i, r in enumerate(requests):
+        name = f"Prompt {r.id!r}" if r.id is not None else f"Prompt {i}"
+        if len(r.prompt) == 0:
+            raise ValueError(f"{name} is empty; give at least one token.")
+        if len(r.prompt) > max_len:
+            raise ValueError(
+                f"{name} has {len(r.prompt):,} tokens but the cache holds {max_len:,}; "
+                f"raise max_len or shorten the prompt."
+            )
+        bad = [t for t in r.prompt if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"{name} has token id {bad[0]} outside the model's vocabulary [0, {vocab_size}).")
+        if r.max_new_tokens < 1:
+            raise ValueError(f"{name}: max_new_tokens must be at least 1, got {r.max_new_tokens}.")
+        check_sampling(r.temperature, r.top_k, r.top_p, r.min_p)
+
+
+class LaneEngine:
+    def __init__(self, decoder: Decoder, params, tokenizer, *, tool=None, tool_timeout_s: float = 5.0, dialog_format=None):
+        self.decoder, self.params, self.tokenizer = decoder, params, tokenizer
+        self.format = dialog_format or DialogFormat.for_tokenizer(tokenizer)
+        missing = set(self.format.stop_ids) - set(decoder.stop_ids.tolist())
+        if missing:
+            raise ValueError(f"The decoder must stop on the dialog's stop tokens; missing {sorted(missing)}.")
+        self.tools = ToolRunner(tool, tool_timeout_s) if tool is not None else None
+        self.stats = collections.Counter()
+
+    def generate(self, requests: Sequence[Request], *, progress: bool = False) -> list[Completion]:
+        """Completions in the order of `requests`."""
+        d = self.decoder
+        validate_requests(requests, d.vocab_size, d.max_len)
+        queue = collections.deque(enumerate(requests))
+        results: list[Completion | None] = [None] * len(requests)
+        lanes: list[_Lane | None] = [None] * d.lanes
+        asks = LaneRequests.empty(d.lanes)
+        sampling = {k: np.array(v) for k, v in vars(asks.sampling).items()}
+        keys, max_new = np.array(asks.keys), np.array(asks.max_new)
+        state = d.init_state()
+        bar = tqdm(total=len(requests), disable=not progress, desc="generate", dynamic_ncols=True)
+        started = time.perf_counter()
+
+        def finish(b, reason):
+            lane = lanes[b]
+            after = lane.tokens[lane.n_prompt :]
+            results[lane.index] = Completion(
+                lane.request.id, lane.tokens[: lane.n_prompt], after, self.tokenizer.decode(after), reason, lane.tool_calls
+            )
+            lanes[b] = None
+            bar.update(1)
+
+        def settle(b, active):
+            """After new tokens: keep decoding, start a tool call, or finish the lane."""
+            lane = lanes[b]
+            if active:
+                return
+            last, request = lane.tokens[-1], lane.request
+            n_generated = len(lane.tokens) - lane.n_prompt - sum(len(c["injected"]) for c in lane.tool_calls)
+            if last == self.format.call_id and last in d.stop_ids and n_generated < request.max_new_tokens:
+                if self.tools is None:
+                    return finish(b, "tool_call")
+                query = self._current_turn_text(lane.tokens[:-1])
+                future, deadline = self.tools.start(query)
+                lane.pending_call = (future, deadline, query, time.perf_counter())
+                self.stats["tool_calls"] += 1
+                return
+            if last in d.stop_ids and last != self.format.call_id:
+                return finish(b, "stop")
+            if n_generated >= request.max_new_tokens:
+                return finish(b, "length")
+            return finish(b, "cache_full")
+
+        try:
+            while queue or any(lane is not None for lane in lanes):
+                chunks, starts = [[] for _ in range(d.lanes)], np.zeros(d.lanes, np.int32)
+                prompt, reset = np.zeros(d.lanes, bool), np.zeros(d.lanes, bool)
+                for b in range(d.lanes):
+                    if lanes[b] is None and queue:
+                        index, r = queue.popleft()
+                        lanes[b] = _Lane(index, r, [int(t) for t in r.prompt], len(r.prompt))
+                        chunks[b], prompt[b], reset[b] = list(lanes[b].tokens), True, True
+                        keys[b], max_new[b] = request_key(r.seed), r.max_new_tokens
+                        for name in sampling:
+                            sampling[name][b] = getattr(r, name)
+                    elif lanes[b] is not None and lanes[b].pending_call is not None:
+                        injection = self._tool_reply_if_ready(lanes[b])
+                        if injection is None:
+                            continue
+                        start = len(lanes[b].tokens) - 1  # the call token is sampled, not yet cached
+                        if start + len(injection) + 1 > d.max_len:
+                            finish(b, "cache_full")
+                            continue
+                        chunks[b], starts[b] = [self.format.call_id] + injection, start
+                        lanes[b].tokens.extend(injection)
+                asks = LaneRequests(keys, max_new, SamplingParams(**sampling))
+                written = [b for b in range(d.lanes) if chunks[b]]
+                if written:
+                    state, first = d.prefill(self.params, state, chunks, starts, asks, prompt=prompt, reset=reset)
+                    self.stats["prefills"] += 1
+                    active = np.asarray(state.active)
+                    for b in written:
+                        lanes[b].tokens.append(int(first[b]))
+                        settle(b, active[b])
+                if any(lane is not None and lane.pending_call is None for lane in lanes):
+                    state, out, counts = d.decode(self.params, state, asks)
+                    self.stats["decode_chunks"] += 1
+                    active = np.asarray(state.active)
+                    for b, lane in enumerate(lanes):
+                        if lane is not None and lane.pending_call is None:
+                            lane.tokens.extend(out[b, : counts[b]].tolist())
+                            settle(b, active[b])
+                elif any(lane is not None for lane in lanes) and not (queue and None in lanes):
+                    self._wait_for_a_tool(lanes)
+        finally:
+            bar.close()
+        self.stats["seconds"] += time.perf_counter() - started
+        self.stats["requests"] += len(requests)
+        return results
+
+    def _current_turn_text(self, tokens):
+        """Text of the assistant turn that ends at `tokens[-1]` (after its header)."""
+        turn_start = max(i for i, t in enumerate(tokens) if t == self.format.turn_id) + 1 if self.format.turn_id in tokens else 0
+        return self.tokenizer.decode(tokens[turn_start:])
+
+    def _tool_reply_if_ready(self, lane):
+        """Tokens to inject after the call token (reply + assistant header), or None to wait."""
+        future, deadline, query, started = lane.pending_call
+        if not future.done() and time.monotonic() < deadline:
+            return None
+        reply, ok = self.tools.reply(future, started)
+        injection = self.tokenizer.encode(reply) + [self.format.turn_id]
+        lane.tool_calls.append(
+            {"query": query, "reply": reply, "ok": ok, "seconds": time.perf_counter() - started, "injected": injection}
+        )
+        lane.pending_call = None
+        return injection
+
+    @staticmethod
+    def _wait_for_a_tool(lanes):
+        """Every busy lane waits on a tool: sleep until one answers or the first deadline."""
+        pending = [lane.pending_call for lane in lanes if lane is not None and lane.pending_call is not None]
+        timeout = max(0.0, min(deadline for _, deadline, _, _ in pending) - time.monotonic())
+        concurrent.futures.wait([f for f, _, _, _ in pending], timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)

@@ -1,0 +1,67 @@
+"""`python -m lmjax.generate` and `python -m lmjax.eval.recall` on a real (tiny) training run."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_facts_config
+
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory):
+    from lmjax.train.loop import train
+
+    workdir = tmp_path_factory.mktemp("tool_run")
+    config = tiny_facts_config(**{"data.mode": "tool", "data.tool_practice_people": 8, "train.steps": 8, "train.seq_len": 160})
+    summary = train(config, workdir)
+    return workdir, summary
+
+
+def run(module, *args, env):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_training_ends_with_recall_through_generation(tool_run):
+    workdir, summary = tool_run
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    recall = [line for line in lines if "eval/qa_recall" in line]
+    assert len(recall) == 1 and recall[0]["step"] == 8
+    assert 0.0 <= recall[0]["eval/qa_unseen_recall"] <= 1.0 and summary["eval/qa_recall"] == recall[0]["eval/qa_recall"]
+
+
+def test_generate_cli_prints_completions_with_tool_calls(tool_run, subprocess_env):
+    workdir, _ = tool_run
+    out = run("lmjax.generate", "--workdir", str(workdir), "--tools", "facts", "--json", "--max_new_tokens", "40",
+              "--prompt", "When was Ada born?", "--prompt", "Where?", "--temperature", "0.7", env=subprocess_env)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["When was Ada born?", "Where?"]
+    assert all(r["finish_reason"] in ("stop", "length", "cache_full") and r["tokens"] for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "Prompt 0 is empty"),
+    (["--prompt", "x" * 500], "has 502 tokens but the cache holds 160"),
+    (["--prompt", "hi", "--top_p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt", "hi", "--tools", "calculator"], "Unknown tools 'calculator' in tools; choose one of: facts."),
+    (["--prompt", "hi", "--step", "3"], "No checkpoint at step 3"),
+])
+def test_generate_cli_errors_are_one_line(tool_run, subprocess_env, args, message):
+    workdir, _ = tool_run
+    out = run("lmjax.generate", "--workdir", str(workdir), *args, env=subprocess_env)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("lmjax.generate: error:") and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_generate_cli_refuses_a_folder_without_a_run(tmp_path, subprocess_env):
+    out = run("lmjax.generate", "--workdir", str(tmp_path), "--prompt", "hi", env=subprocess_env)
+    assert out.returncode == 2 and "has no config.json" in out.stderr
+
+
+def test_recall_cli_on_a_checkpoint(tool_run, subprocess_env):
+    workdir, _ = tool_run
+    out = run("lmjax.eval.recall", "--workdir", str(workdir), "--limit", "4", "--lanes", "2", env=subprocess_env)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(metrics) >= {"eval/qa_recall", "eval/qa_unseen_recall"}
