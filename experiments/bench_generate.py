@@ -21,6 +21,7 @@ if __name__ == "__main__":  # XLA:CPU runtime choices must precede the jax impor
 
     tune_xla_cpu_flags()
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,8 @@ from lmjax.monitor.hardware import measure_read_bandwidth
 
 SMOLLM2 = TransformerConfig(
     vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, mlp_hidden=1536,
-    tie_embeddings=True, rope_base=100000.0, scan_layers=True,
+    tie_embeddings=True, rope_base=100000.0,
+    scan_layers=False,  # unrolled decodes ~10-20% faster on XLA:CPU (one fused program, no loop)
 )
 
 
@@ -86,7 +88,8 @@ def tool_qa_throughput(workdir, lanes_list, limit):
     for lanes in lanes_list:
         generator = Generator.from_workdir(workdir, tools="facts", lanes=lanes)
         records = read_dialogs(generator_records_path(workdir))[:limit]
-        qa_recall(generator, records[: lanes * 2])  # compile
+        generator.engine.decoder.warm_up(generator.engine.params)  # compile every shape first
+        qa_recall(generator, records)  # and one untimed pass: first calls pay one-off costs
         start = time.perf_counter()
         accuracy, details = qa_recall(generator, records)
         seconds = time.perf_counter() - start
@@ -116,7 +119,7 @@ def main():
 
     cfg = SMOLLM2
     model = Transformer(cfg)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = measure_read_bandwidth()
     print(f"device {jax.devices()[0].device_kind}; weights {weight_bytes / 1e6:.0f} MB f32; "

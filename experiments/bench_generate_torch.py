@@ -5,6 +5,7 @@ torch and transformers come from the `test` extra; lmjax never imports this file
 import statistics
 import time
 
+import jax
 import numpy as np
 
 
@@ -25,8 +26,11 @@ def hf_llama_from_lmjax(params, cfg):
         attention_bias=False, mlp_bias=False, attn_implementation="sdpa", dtype=torch.float32,
     )
     model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-    p = {k: v for k, v in params.items()}
-    layers = p["layers"]
+    p = params
+    if "layers" in p:  # nn.scan: one stacked array per parameter
+        layers = p["layers"]
+    else:  # unrolled layer_0 ... layer_{n-1}: stack them the same way
+        layers = jax.tree.map(lambda *xs: np.stack(xs), *[p[f"layer_{i}"] for i in range(cfg.n_layers)])
     sd = {"model.embed_tokens.weight": p["embed"]["embedding"], "model.norm.weight": p["final_norm"]["scale"]}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = np.asarray(p["lm_head"]["kernel"]).T

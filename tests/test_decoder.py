@@ -19,14 +19,22 @@ def random_model(cfg=CFG, seed=0):
     return model, params
 
 
-def naive_greedy(model, params, prompt, n_new, prefix_lm=False):
-    """Re-run the whole sequence for every new token and take the argmax: no cache at all."""
+def naive_greedy(model, params, prompt, n_new, prefix_lm=False, pad_to=128):
+    """Re-run the whole sequence for every new token and take the argmax: no cache at all.
+    Sequences are padded to one length so the forward compiles once; the padding comes after
+    every real token, so under a causal (or prefix-LM) mask it cannot change their logits."""
+
+    @jax.jit
+    def last_logits(tokens_1xL, prompt_1xL, length):
+        return model.apply({"params": params}, tokens_1xL, None, None, prompt_1xL)[0, length - 1]
+
     seq = list(prompt)
+    flags = np.zeros((1, pad_to), bool)
+    flags[0, : len(prompt)] = prefix_lm
     for _ in range(n_new):
-        tokens = jnp.asarray([seq])
-        prompt_flags = jnp.asarray([[i < len(prompt) for i in range(len(seq))]]) if prefix_lm else None
-        logits = model.apply({"params": params}, tokens, None, None, prompt_flags)
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        padded = np.zeros((1, pad_to), np.int32)
+        padded[0, : len(seq)] = seq
+        seq.append(int(jnp.argmax(last_logits(padded, flags, len(seq)))))
     return seq[len(prompt):]
 
 
@@ -126,7 +134,7 @@ def test_decoding_a_trained_model_equals_the_full_forward(tmp_path):
     from lmjax.generate.load import load_run
     from lmjax.train.loop import train
 
-    config = tiny_facts_config(**{"train.steps": 40, "eval.recall": False})
+    config = tiny_facts_config(**{"train.steps": 40})
     train(config, tmp_path)
     _, model, params, task = load_run(tmp_path)
     tok = ByteTokenizer()
@@ -134,3 +142,20 @@ def test_decoding_a_trained_model_equals_the_full_forward(tmp_path):
     got = decode_all(Decoder(model, lanes=2, max_len=96, chunk=8), params, prompts, n_new=20)
     for prompt, tokens in zip(prompts, got):
         assert tokens == naive_greedy(model, params, prompt, 20)
+
+
+def test_warm_up_compiles_every_shape_so_generation_never_compiles_again():
+    model, params = random_model()
+    decoder = Decoder(model, lanes=2, max_len=48, chunk=4)
+    decoder.warm_up(params)
+    before = dict(decoder.compilations)
+    assert {size for kind, size in before if kind == "prefill"} == set(decoder.buckets) == {16, 32, 48}
+    decode_all(decoder, params, [[1] * 40, [2, 3]], n_new=5)
+    assert dict(decoder.compilations) == before
+
+
+def test_request_key_is_jax_random_key_of_the_seed():
+    from lmjax.generate.decoder import request_key
+
+    for seed in (0, 7, 2**31 + 5, 2**40 + 3):
+        np.testing.assert_array_equal(request_key(seed), jax.random.key_data(jax.random.key(seed)))

@@ -12,7 +12,7 @@ def tool_run(tmp_path_factory):
     from lmjax.train.loop import train
 
     workdir = tmp_path_factory.mktemp("tool_run")
-    config = tiny_facts_config(**{"data.mode": "tool", "data.tool_practice_people": 8, "train.steps": 8, "train.seq_len": 160})
+    config = tiny_facts_config(**{"data.mode": "tool", "data.tool_practice_people": 8, "train.steps": 8, "train.seq_len": 160, "eval.recall": True})
     summary = train(config, workdir)
     return workdir, summary
 

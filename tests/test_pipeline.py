@@ -94,3 +94,29 @@ def test_padded_eval_batches_cover_all_examples_in_order():
         assert batch["inputs"].shape == (4, 24)
         rows += unpack({k: v[:n_real] for k, v in batch.items()})
     assert [key(r) for r in rows] == [key(e) for e in examples]
+
+
+def test_packed_prompt_flags_stay_with_their_dialog():
+    """Each dialog's prompt (prefix-LM) is packed with it: a prefix of its segment, of the
+    length the dialog encoder gave it."""
+    from lmjax.data.dialogs import encode_dialog, to_training_example
+    from lmjax.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    examples = [
+        to_training_example(encode_dialog(tok, [
+            {"source": "user", "content": "q" * (i + 1)}, {"source": "assistant", "content": "a" * (7 - i)},
+        ]))
+        for i in range(6)
+    ]
+    batch = next(iter(train_batches(examples, seq_len=32, batch_size=2, seed=0)))
+    seen = 0
+    for row in range(2):
+        for segment in set(batch["segment_ids"][row].tolist()) - {0}:
+            where = batch["segment_ids"][row] == segment
+            prompt = batch["prompt"][row][where]
+            user_bytes = int((batch["inputs"][row][where] == ord("q")).sum())
+            # <user> + the question bytes + <assistant>
+            assert prompt.tolist() == [1] * (user_bytes + 2) + [0] * (int(where.sum()) - user_bytes - 2)
+            seen += 1
+    assert seen >= 2

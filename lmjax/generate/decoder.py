@@ -44,7 +44,9 @@ class LaneRequests:
 
 
 def request_key(seed: int):
-    return np.asarray(jax.random.key_data(jax.random.key(seed)), dtype=np.uint32)
+    """The raw threefry key of `jax.random.key(seed)` (which keeps the low 32 bits of the seed
+    unless jax_enable_x64 is on), built in numpy: no device op per request."""
+    return np.asarray([0, int(seed) & 0xFFFFFFFF], dtype=np.uint32)
 
 
 class Decoder:
@@ -78,6 +80,14 @@ class Decoder:
             if n <= size:
                 return size
         raise ValueError(f"{n} tokens do not fit the cache of {self.max_len} slots.")
+
+    def warm_up(self, params):
+        """Compile prefill for every bucket and decode, so that no later call compiles."""
+        state, requests = self.init_state(), LaneRequests.empty(self.lanes)
+        for size in self.buckets:
+            chunks = [[0] * size] + [[] for _ in range(self.lanes - 1)]
+            state, _ = self.prefill(params, state, chunks, np.zeros(self.lanes, np.int32), requests)
+        self.decode(params, state, requests)
 
     # -- host-facing calls ---------------------------------------------------------------------
 

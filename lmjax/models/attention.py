@@ -43,10 +43,12 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxE, rope_cos, rope_sin, mask_BxLxS, layer_cache=None, write_slots_BxL=None):
-        """Without a cache: self-attention over the L tokens. With `layer_cache` = (k, v), each
-        [B, S, kv_heads, head_dim]: the chunk's keys/values are written at `write_slots_BxL`
-        (slots >= S are dropped: padding), the queries attend over all S slots through the
-        mask, and the updated (k, v) is returned beside the output."""
+        """Without a cache: self-attention over the L tokens. With `layer_cache` = (k, v, layer),
+        k and v [layers, B, S, kv_heads, head_dim] for the whole model: the chunk's keys/values
+        are written into this layer's slots `write_slots_BxL` (slots >= S are dropped: padding),
+        the queries attend over all S slots through the mask, and the updated (k, v) is
+        returned beside the output. Writing into the whole stacked cache, rather than into a
+        per-layer slice that is then stacked again, lets XLA update it in place."""
         head_dim = self.dim // self.n_heads
 
         def proj(name, heads):
@@ -61,11 +63,12 @@ class Attention(nn.Module):
         v = proj("wv", self.n_kv_heads)
         new_cache = None
         if layer_cache is not None:
-            k_cache, v_cache = layer_cache
+            k_all, v_all, layer = layer_cache
             rows_Bx1 = jnp.arange(k.shape[0])[:, None]
-            k = k_cache.at[rows_Bx1, write_slots_BxL].set(k.astype(k_cache.dtype), mode="drop")
-            v = v_cache.at[rows_Bx1, write_slots_BxL].set(v.astype(v_cache.dtype), mode="drop")
-            new_cache = (k, v)
+            k_all = k_all.at[layer, rows_Bx1, write_slots_BxL].set(k.astype(k_all.dtype), mode="drop")
+            v_all = v_all.at[layer, rows_Bx1, write_slots_BxL].set(v.astype(v_all.dtype), mode="drop")
+            k, v = k_all[layer], v_all[layer]
+            new_cache = (k_all, v_all)
         out_BxLxHxD = ATTENTION_IMPLEMENTATIONS[self.implementation](q, k, v, mask_BxLxS)
         out = Projection(
             (self.n_heads, head_dim), (self.dim,), ("heads", "kv", "embed"),

@@ -61,19 +61,23 @@ class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x_BxLxE, rope, mask_BxLxS, layer_cache=None, write_slots_BxL=None):
-        """(output, updated layer cache or None): the shape nn.scan wants (carry, per-layer out)."""
+    def __call__(self, carry, rope, mask_BxLxS, write_slots_BxL=None):
+        """(carry, None), the shape nn.scan wants. carry: x [B, L, E] in training; in generation
+        (x, k_all, v_all, layer) with the whole stacked cache, updated and passed on."""
         c = self.cfg
         dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
+        x_BxLxE, layer_cache = (carry[0], carry[1:]) if isinstance(carry, tuple) else (carry, None)
         attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.n_layers, c.init, c.attention, pdt, dt, name="attention")
         normed = RMSNorm(c.norm_eps, pdt, dt, name="attention_norm")(x_BxLxE)
         attended = attn(normed, *rope, mask_BxLxS, layer_cache, write_slots_BxL)
-        new_cache = None
         if layer_cache is not None:
-            attended, new_cache = attended
+            attended, (k_all, v_all) = attended
         h = x_BxLxE + attended
         out = h + MLP(c, name="mlp")(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
-        return nn.with_logical_constraint(out, ("batch", "length", "embed")), new_cache
+        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        if layer_cache is None:
+            return out, None
+        return (out, k_all, v_all, layer_cache[2] + 1), None
 
 
 class Transformer(nn.Module):
@@ -114,29 +118,21 @@ class Transformer(nn.Module):
         block = Block
         if REMAT_POLICIES[c.remat] is not None or c.remat == "full":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-        new_cache = None
+        carry = x if cache is None else (x, cache[0], cache[1], jnp.zeros((), jnp.int32))
         if not c.scan_layers:
-            if cache is not None:
-                k_all, v_all = cache
             for i in range(c.n_layers):
-                layer_cache = None if cache is None else (k_all[i], v_all[i])
-                x, updated = block(c, name=f"layer_{i}")(x, rope, mask_BxLxS, layer_cache, write_slots_BxL)
-                if cache is not None:
-                    k_all, v_all = k_all.at[i].set(updated[0]), v_all.at[i].set(updated[1])
-            if cache is not None:
-                new_cache = _same_kind(cache, k_all, v_all)
+                carry, _ = block(c, name=f"layer_{i}")(carry, rope, mask_BxLxS, write_slots_BxL)
         else:
             layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, name="layers")
-            x, updated = layers(x, rope, mask_BxLxS, None if cache is None else tuple(cache), write_slots_BxL)
-            if cache is not None:
-                new_cache = _same_kind(cache, *updated)
+            carry, _ = layers(carry, rope, mask_BxLxS, write_slots_BxL)
+        x, new_cache = (carry, None) if cache is None else (carry[0], _same_kind(cache, carry[1], carry[2]))
         if logits_at_B is not None:
             x = x[jnp.arange(B), logits_at_B][:, None, :]
         x = RMSNorm(c.norm_eps, pdt, dt, name="final_norm")(x)

@@ -64,16 +64,19 @@ def flops_limit(device=None, dtype: str = "float32") -> tuple[float, str]:
     return measure_matmul_flops(dtype=dtype, device=device), f"measured matmul ({device.device_kind})"
 
 
-def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5, device=None) -> float:
-    """Bytes/s of reading a large f32 array once (a jitted sum): the memory-bandwidth floor's unit."""
+def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 8, device=None) -> float:
+    """Bytes/s of reading a large f32 array once: the best of a jitted sum and a jitted
+    matrix-vector product over it, fastest of `repeats` (a floor must use the best rate seen)."""
     device = device or jax.devices()[0]
-    x = jax.device_put(jnp.ones((n_bytes // 4,), jnp.float32), device)
-    total = jax.jit(jnp.sum)
-    for _ in range(2):
-        total(x).block_until_ready()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        total(x).block_until_ready()
-        seconds.append(time.perf_counter() - start)
-    return n_bytes / statistics.median(seconds)
+    side = int((n_bytes // 4) ** 0.5)
+    matrix = jax.device_put(jnp.ones((side, side), jnp.float32), device)
+    vector = jax.device_put(jnp.ones((side,), jnp.float32), device)
+    readers = (jax.jit(jnp.sum), jax.jit(lambda m: m @ vector))
+    best = 0.0
+    for read in readers:
+        read(matrix).block_until_ready()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read(matrix).block_until_ready()
+            best = max(best, matrix.nbytes / (time.perf_counter() - start))
+    return best
