@@ -19,6 +19,8 @@ CFG = TransformerConfig(vocab_size=TOK.vocab_size, dim=32, n_layers=2, n_heads=4
 
 
 CALL, TURN = ord("?"), ord("!")
+# A dialog format whose call token is CALL and whose assistant header is TURN.
+FMT = DialogFormat(stop_ids=(CALL,), call_id=CALL, turn_id=TURN)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +64,6 @@ def naive_dialog(model, params, prompt, fmt, tool, max_new):
     return seq[len(prompt):]
 
 
-def scripted_format(model, params, prompts):
-    """A dialog format whose call token is CALL and whose assistant header is TURN."""
-    return DialogFormat(stop_ids=(CALL,), call_id=CALL, turn_id=TURN)
-
-
 def make_engine(model, params, fmt, tool, *, lanes, timeout=5.0, chunk=3):
     decoder = Decoder(model, lanes, PAD_TO, stop_ids=fmt.stop_ids, chunk=chunk)
     return LaneEngine(decoder, params, TOK, tool=tool, tool_timeout_s=timeout, dialog_format=fmt)
@@ -75,7 +72,7 @@ def make_engine(model, params, fmt, tool, *, lanes, timeout=5.0, chunk=3):
 def test_tool_replies_injected_in_several_lanes_match_the_naive_dialog(model_and_params):
     model, params = model_and_params
     prompts = [TOK.encode(text) for text in ("Hi", "When was Ada born?", "x" * 30, "Where?", "Tell me", "ok then!")]
-    fmt = scripted_format(model, params, prompts)
+    fmt = FMT
 
     def tool(query):
         time.sleep(0.01 * (len(query) % 4))  # lanes get their replies at different chunks
@@ -93,7 +90,7 @@ def test_tool_replies_injected_in_several_lanes_match_the_naive_dialog(model_and
 def test_tool_failures_become_error_replies_and_never_stall_other_lanes(model_and_params):
     model, params = model_and_params
     prompts = [TOK.encode(text) for text in ("a", "bb", "ccc", "dddd")]
-    fmt = scripted_format(model, params, prompts)
+    fmt = FMT
     never = threading.Event()
     calls = []
 
@@ -122,7 +119,7 @@ def test_tool_failures_become_error_replies_and_never_stall_other_lanes(model_an
 def test_a_call_without_a_tool_ends_the_lane(model_and_params):
     model, params = model_and_params
     prompts = [TOK.encode("Hi")]
-    fmt = scripted_format(model, params, prompts)
+    fmt = FMT
     engine = make_engine(model, params, fmt, None, lanes=1)
     (completion,) = engine.generate([Request(prompts[0], max_new_tokens=20)])
     assert completion.finish_reason == "tool_call" and completion.tokens[-1] == fmt.call_id
@@ -141,7 +138,7 @@ def test_facts_database_errors_are_one_line_replies(tmp_path):
     ):
         future, _ = runner.start(query)
         future.result(timeout=5)
-        reply, ok = runner.reply(future, 0.0)
+        reply, ok = runner.reply(future)
         assert reply.startswith(expected) and not ok and "\n" not in reply
 
 

@@ -86,7 +86,7 @@ class ToolRunner:
         threading.Thread(target=run, daemon=True).start()
         return future, time.monotonic() + self.timeout_s
 
-    def reply(self, future, started):
+    def reply(self, future):
         """(reply text, ok) for a finished or timed-out call."""
         if not future.done():
             return f"error: the tool timed out after {self.timeout_s:g} s", False
@@ -240,7 +240,7 @@ class LaneEngine:
         future, deadline, query, started = lane.pending_call
         if not future.done() and time.monotonic() < deadline:
             return None
-        reply, ok = self.tools.reply(future, started)
+        reply, ok = self.tools.reply(future)
         injection = self.tokenizer.encode(reply) + [self.format.turn_id]
         lane.tool_calls.append(
             {"query": query, "reply": reply, "ok": ok, "seconds": time.perf_counter() - started, "injected": injection}
