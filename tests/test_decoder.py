@@ -159,3 +159,12 @@ def test_request_key_is_jax_random_key_of_the_seed():
 
     for seed in (0, 7, 2**31 + 5, 2**40 + 3):
         np.testing.assert_array_equal(request_key(seed), jax.random.key_data(jax.random.key(seed)))
+
+
+def test_sampling_stays_inside_a_smaller_tokenizer_vocabulary():
+    model, params = random_model()
+    prompt = [5, 6, 7]
+    got = decode_all(Decoder(model, lanes=1, max_len=32, sample_vocab=10), params, [prompt], n_new=8)[0]
+    assert all(t < 10 for t in got)
+    logits = model.apply({"params": params}, jnp.asarray([prompt]))[0, -1]
+    assert got[0] == int(jnp.argmax(logits[:10]))

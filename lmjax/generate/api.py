@@ -14,7 +14,7 @@ class Generator:
     def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0):
         self.tokenizer = tokenizer
         self.format = DialogFormat.for_tokenizer(tokenizer)
-        decoder = Decoder(model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk)
+        decoder = Decoder(model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk, sample_vocab=tokenizer.vocab_size)
         self.engine = LaneEngine(decoder, params, tokenizer, tool=tool, tool_timeout_s=tool_timeout_s)
 
     @classmethod

@@ -52,11 +52,14 @@ def request_key(seed: int):
 class Decoder:
     """prefill/decode for `model` with `lanes` lanes of `max_len` cache slots each."""
 
-    def __init__(self, model, lanes: int, max_len: int, *, stop_ids=(), chunk: int = 16, min_bucket: int = 16, cache_dtype=None):
+    def __init__(self, model, lanes: int, max_len: int, *, stop_ids=(), chunk: int = 16, min_bucket: int = 16, cache_dtype=None,
+                 sample_vocab=None):
+        """`sample_vocab`: sample only ids below it (a tokenizer smaller than the model's vocabulary)."""
         if lanes <= 0 or max_len <= 0 or chunk <= 0:
             raise ValueError(f"lanes, max_len and chunk must be positive, got {lanes}, {max_len}, {chunk}.")
         self.model, self.lanes, self.max_len, self.chunk = model, lanes, max_len, chunk
         self.vocab_size = model.cfg.vocab_size
+        self.sample_vocab = min(sample_vocab or self.vocab_size, self.vocab_size)
         self.stop_ids = np.asarray(sorted(set(stop_ids)) or [-1], np.int32)
         self.buckets = [min_bucket * 2**i for i in range(32) if min_bucket * 2**i < max_len] + [max_len]
         self.cache_dtype = cache_dtype
@@ -121,6 +124,8 @@ class Decoder:
     # -- traced ---------------------------------------------------------------------------------
 
     def _sample_and_advance(self, logits_BxV, state, requests, written_B, new_position_B, reset_B):
+        if self.sample_vocab < self.vocab_size:
+            logits_BxV = jnp.where(jnp.arange(self.vocab_size) < self.sample_vocab, logits_BxV, -jnp.inf)
         generated = jnp.where(reset_B, 0, state.generated)
         keys = jax.vmap(jax.random.fold_in)(requests.keys, generated)
         token = sample(logits_BxV, keys, requests.sampling)
