@@ -87,7 +87,7 @@ def tool_qa_throughput(workdir, lanes_list, limit):
 
     for lanes in lanes_list:
         generator = Generator.from_workdir(workdir, tools="facts", lanes=lanes)
-        records = read_dialogs(generator_records_path(workdir))[:limit]
+        records = read_dialogs(generator.task_info["recall_sets"]["qa"])[:limit]
         generator.engine.decoder.warm_up(generator.engine.params)  # compile every shape first
         qa_recall(generator, records)  # and one untimed pass: first calls pay one-off costs
         start = time.perf_counter()
@@ -96,13 +96,6 @@ def tool_qa_throughput(workdir, lanes_list, limit):
         calls = sum(d["tool_calls"] for d in details)
         print(f"tool-QA lanes={lanes:3d}: {len(records) / seconds:7.1f} questions/s "
               f"({len(records)} questions, {calls} tool calls, recall {accuracy:.3f}, {seconds:.1f} s)")
-
-
-def generator_records_path(workdir):
-    from lmjax.generate.load import load_run
-
-    _, _, _, task = load_run(workdir)
-    return task.info["recall_sets"]["qa"]
 
 
 def main():

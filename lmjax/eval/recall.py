@@ -12,6 +12,7 @@ import sys
 import time
 
 from lmjax.data.facts import read_dialogs
+from lmjax.generate.engine import after_last
 
 
 def last_assistant_text(completion, tokenizer, turn_id, stop_ids):
@@ -19,9 +20,7 @@ def last_assistant_text(completion, tokenizer, turn_id, stop_ids):
     tokens = list(completion.tokens)
     if tokens and tokens[-1] in stop_ids:
         tokens = tokens[:-1]
-    if turn_id in tokens:
-        tokens = tokens[len(tokens) - tokens[::-1].index(turn_id) :]
-    return tokenizer.decode(tokens)
+    return tokenizer.decode(after_last(tokens, turn_id))
 
 
 def qa_recall(generator, records, *, max_new_tokens=128, progress=False):

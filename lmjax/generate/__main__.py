@@ -66,8 +66,7 @@ def main(argv=None):
         return 2
     for prompt, c in zip(prompts, completions):
         if args.json:
-            calls = [{k: v for k, v in call.items() if k != "injected"} for call in c.tool_calls]
-            print(json.dumps({"prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "tool_calls": calls}))
+            print(json.dumps({"prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "tool_calls": c.tool_calls}))
         else:
             print(f">>> {prompt}\n{c.text}\n[{c.finish_reason}, {len(c.tool_calls)} tool call(s)]\n")
     return 0

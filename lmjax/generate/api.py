@@ -13,6 +13,7 @@ class Generator:
 
     def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0):
         self.tokenizer = tokenizer
+        self.task_info = {}
         self.format = DialogFormat.for_tokenizer(tokenizer)
         decoder = Decoder(model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk, sample_vocab=tokenizer.vocab_size)
         self.engine = LaneEngine(decoder, params, tokenizer, tool=tool, tool_timeout_s=tool_timeout_s)
@@ -24,7 +25,9 @@ class Generator:
 
         config, model, params, task = load_run(workdir, step)
         tool = TOOLS.get(tools)(task.info["data_dir"]) if tools else None
-        return cls(model, params, task.tokenizer, max_len=max_len or config.train.seq_len, tool=tool, **options)
+        generator = cls(model, params, task.tokenizer, max_len=max_len or config.train.seq_len, tool=tool, **options)
+        generator.task_info = task.info  # e.g. the facts data folder and its recall sets
+        return generator
 
     def prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids as given, or for text: a user turn opening an assistant turn (dialog models),

@@ -104,8 +104,15 @@ class _Lane:
     request: Request
     tokens: list[int]  # prompt + everything after it; the last one is not in the cache yet
     n_prompt: int
+    n_injected: int = 0  # tool-reply tokens written by the engine, not sampled
     tool_calls: list = dataclasses.field(default_factory=list)
     pending_call: tuple | None = None  # (future, deadline, query, started)
+
+
+def after_last(tokens, token_id):
+    """The tokens after the last `token_id` (all of them when it does not occur)."""
+    tokens = list(tokens)
+    return tokens[len(tokens) - tokens[::-1].index(token_id):] if token_id in tokens else tokens
 
 
 def validate_requests(requests: Sequence[Request], vocab_size: int, max_len: int):
@@ -167,8 +174,8 @@ class LaneEngine:
             if active:
                 return
             last, request = lane.tokens[-1], lane.request
-            n_generated = len(lane.tokens) - lane.n_prompt - sum(len(c["injected"]) for c in lane.tool_calls)
-            if last == self.format.call_id and last in d.stop_ids and n_generated < request.max_new_tokens:
+            n_generated = len(lane.tokens) - lane.n_prompt - lane.n_injected
+            if last == self.format.call_id and n_generated < request.max_new_tokens:
                 if self.tools is None:
                     return finish(b, "tool_call")
                 query = self._current_turn_text(lane.tokens[:-1])
@@ -205,6 +212,7 @@ class LaneEngine:
                             continue
                         chunks[b], starts[b] = [self.format.call_id] + injection, start
                         lanes[b].tokens.extend(injection)
+                        lanes[b].n_injected += len(injection)
                 asks = LaneRequests(keys, max_new, SamplingParams(**sampling))
                 written = [b for b in range(d.lanes) if chunks[b]]
                 if written:
@@ -232,8 +240,7 @@ class LaneEngine:
 
     def _current_turn_text(self, tokens):
         """Text of the assistant turn that ends at `tokens[-1]` (after its header)."""
-        turn_start = max(i for i, t in enumerate(tokens) if t == self.format.turn_id) + 1 if self.format.turn_id in tokens else 0
-        return self.tokenizer.decode(tokens[turn_start:])
+        return self.tokenizer.decode(after_last(tokens, self.format.turn_id))
 
     def _tool_reply_if_ready(self, lane):
         """Tokens to inject after the call token (reply + assistant header), or None to wait."""
@@ -243,7 +250,7 @@ class LaneEngine:
         reply, ok = self.tools.reply(future)
         injection = self.tokenizer.encode(reply) + [self.format.turn_id]
         lane.tool_calls.append(
-            {"query": query, "reply": reply, "ok": ok, "seconds": time.perf_counter() - started, "injected": injection}
+            {"query": query, "reply": reply, "ok": ok, "seconds": time.perf_counter() - started}
         )
         lane.pending_call = None
         return injection
