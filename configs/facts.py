@@ -29,6 +29,7 @@ def get_config():
         # In-tool only: qatool dialogs about people outside the database, so that copying the
         # tool's reply, not memorising it, is what training rewards.
         tool_practice_people=2048,
+        input_shards=0,  # 0 = one per data-parallel process; batches depend on it, like on the seed
     )
     # No gradient clipping: clipping at 1.0 needs ~10% more steps to reach 95% here.
     c.optim = dict(
@@ -42,5 +43,11 @@ def get_config():
     # At the end: recall through free generation (tools executed in-tool) on every trained fact.
     c.eval = dict(batch_size=256, recall=True, recall_lanes=64, recall_chunk=16)
     c.logging = dict(tensorboard=True, progress_bar=True, wandb=dict(mode="disabled", project="lmjax", entity="", name=""))
+    # Devices: parallel.data x parallel.model (-1 = the rest); fsdp also splits parameters and
+    # optimizer state over `data`. distributed: multi-host start (empty = environment / single).
+    c.parallel = dict(
+        data=-1, model=1, fsdp=False,
+        distributed=dict(coordinator_address="", num_processes=0, process_id=-1, init_timeout_s=300, heartbeat_timeout_s=100),
+    )
     c.checkpoint = dict(every=200, keep=2, async_save=True)
     return c

@@ -101,9 +101,19 @@ def validate(config):
         raise ConfigError(f"Unknown remat policy {m.remat!r} in model.remat; choose one of: {', '.join(REMAT_POLICIES)}.")
     if m.get("init", "normal") not in ("normal", "fan_in"):
         raise ConfigError(f"Unknown init scheme {m.init!r} in model.init; choose one of: fan_in, normal.")
+    if "parallel" in config:
+        _validate_parallel(config.parallel)
     wandb_mode = config.logging.wandb.mode
     if wandb_mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"Unknown logging.wandb.mode {wandb_mode!r}; choose one of: disabled, offline, online.")
+
+
+def _validate_parallel(p):
+    for key in ("data", "model"):
+        if not isinstance(p[key], int) or p[key] == 0 or p[key] < -1:
+            raise ConfigError(f"parallel.{key} must be a positive device count or -1 (the devices left), got {p[key]!r}.")
+    if not isinstance(p.get("fsdp", False), bool):
+        raise ConfigError(f"parallel.fsdp must be True or False, got {p.fsdp!r}.")
 
 
 def load_config_file(path, overrides=()):
@@ -128,7 +138,10 @@ def to_json(config) -> str:
 
 
 # Keys that may change when a workdir is resumed; anything else would silently mix two runs.
-RESUMABLE_CHANGES = ("logging", "checkpoint", "train.steps", "train.stop_when", "train.log_every", "train.eval_every")
+# `parallel` may change: checkpoints restore onto any mesh.
+RESUMABLE_CHANGES = (
+    "logging", "checkpoint", "parallel", "train.steps", "train.stop_when", "train.log_every", "train.eval_every",
+)
 
 
 def _flat(tree, prefix=""):

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from lmjax.data.pipeline import padded_batches, train_batches
+from lmjax.data.pipeline import InputShards, padded_batches, train_batches
+from lmjax.registry import ConfigError
 
 
 def make_examples(n=60, seed=0):
@@ -120,3 +121,48 @@ def test_packed_prompt_flags_stay_with_their_dialog():
             assert prompt.tolist() == [1] * (user_bytes + 2) + [0] * (int(where.sum()) - user_bytes - 2)
             seen += 1
     assert seen >= 2
+
+
+def input_shards(rows=None, shards=2, examples=None):
+    return InputShards(examples or make_examples(), seq_len=32, batch_size=8, seed=5, pack=True, shards=shards, rows=rows)
+
+
+def test_one_process_reading_two_input_shards_sees_what_two_processes_see_together():
+    both, first, second = input_shards(), input_shards(rows=(0, 4)), input_shards(rows=(4, 8))
+    assert (both.shard_ids, first.shard_ids, second.shard_ids) == ([0, 1], [0], [1])
+    for _ in range(6):
+        batch, top, bottom = next(both), next(first), next(second)
+        for k in batch:
+            np.testing.assert_array_equal(batch[k], np.concatenate([top[k], bottom[k]]))
+
+
+def test_input_shards_hold_disjoint_examples_that_cover_the_data():
+    examples = make_examples()
+    seen = [set(), set()]
+    for shard, rows in enumerate([(0, 4), (4, 8)]):
+        it = input_shards(rows=rows, examples=examples)
+        for _ in range(40):
+            seen[shard].update(key(e) for e in unpack(next(it)))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {key(e) for e in examples}
+
+
+def test_input_shards_resume_from_their_state_and_refuse_another_layout():
+    it = input_shards()
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = next(it)
+    fresh = input_shards()
+    fresh.set_state(state)
+    for k, v in next(fresh).items():
+        np.testing.assert_array_equal(v, expected[k])
+    with pytest.raises(ValueError, match="same process count"):
+        input_shards(rows=(0, 4)).set_state(state)
+
+
+def test_input_shards_that_do_not_line_up_with_a_process_rows_are_a_config_error():
+    with pytest.raises(ConfigError, match="input_shards=4"):
+        input_shards(rows=(0, 3), shards=4)
+    with pytest.raises(ConfigError, match="divisible"):
+        input_shards(shards=3)

@@ -14,6 +14,8 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from lmjax.registry import ConfigError
+
 PACKED_KEYS = ("inputs", "targets", "loss_mask", "prompt")
 
 
@@ -100,3 +102,55 @@ def padded_batches(examples: Sequence[dict], *, seq_len: int, batch_size: int, k
         rows += [empty] * (batch_size - len(chunk))
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, len(chunk)
 
+
+
+class InputShards:
+    """This process's rows of every global batch, read from its own input shards only.
+
+    The examples are split into `shards` disjoint parts (shard s takes examples s, s + shards,
+    ...), each with its own shuffled, packed stream filling `batch_size / shards` rows of every
+    global batch. A process reads only the shards for the rows its devices hold, so the global
+    batches depend on the number of shards but not on how many processes share the work: one
+    process reading shards 0 and 1 sees exactly the batches that two processes see together.
+    Checkpointable: `get_state`/`set_state` hold one position per owned shard.
+    """
+
+    def __init__(self, examples, *, seq_len, batch_size, seed, pack, shards=1, rows=None):
+        """`rows`: [start, stop) of the global batch this process fills (default: all)."""
+        start, stop = rows or (0, batch_size)
+        if shards <= 0 or batch_size % shards:
+            raise ConfigError(f"train.batch_size={batch_size} must be divisible by data.input_shards={shards}.")
+        per_shard = batch_size // shards
+        if start % per_shard or stop % per_shard:
+            raise ConfigError(
+                f"This process holds rows [{start}, {stop}) of each batch, which do not line up with "
+                f"data.input_shards={shards} shards of {per_shard} rows; use a multiple of the process count."
+            )
+        self.shard_ids = list(range(start // per_shard, stop // per_shard))
+        self._streams = [
+            iter(train_batches(examples, seq_len=seq_len, batch_size=per_shard, seed=seed, pack=pack,
+                               shard_index=s, shard_count=shards))
+            for s in self.shard_ids
+        ]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        parts = [next(stream) for stream in self._streams]
+        if len(parts) == 1:
+            return parts[0]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def get_state(self) -> dict:
+        return {"shards": self.shard_ids, "states": [stream.get_state() for stream in self._streams]}
+
+    def set_state(self, state: dict):
+        if state["shards"] != self.shard_ids:
+            raise ValueError(
+                f"The checkpoint's data position is for input shards {state['shards']} in this process, "
+                f"but this process now reads shards {self.shard_ids}: resume with the same process count "
+                f"and data.input_shards."
+            )
+        for stream, position in zip(self._streams, state["states"]):
+            stream.set_state(position)

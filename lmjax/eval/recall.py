@@ -38,15 +38,16 @@ def qa_recall(generator, records, *, max_new_tokens=128, progress=False):
     return sum(d["correct"] for d in details) / max(len(details), 1), details
 
 
-def recall_metrics(model, params, task, config, *, progress=False, limit=None):
-    """eval/{set}_recall for every recall set of a facts task (tools executed for real in-tool)."""
+def recall_metrics(model, params, task, config, *, progress=False, limit=None, layout=None):
+    """eval/{set}_recall for every recall set of a facts task (tools executed for real in-tool).
+    `layout`: generate on that mesh (`params` laid out on it, as in training)."""
     from lmjax.generate.api import Generator
     from lmjax.tools import TOOLS
 
     tool = TOOLS.get("facts")(task.info["data_dir"]) if config.data.mode == "tool" else None
     generator = Generator(
         model, params, task.tokenizer, lanes=config.eval.recall_lanes, max_len=config.train.seq_len,
-        chunk=config.eval.get("recall_chunk", 16), tool=tool,
+        chunk=config.eval.get("recall_chunk", 16), tool=tool, layout=layout,
     )
     metrics, started = {}, time.perf_counter()
     for name, path in task.info["recall_sets"].items():

@@ -7,8 +7,12 @@ import optax
 from lmjax.data.pipeline import padded_batches
 
 
-def make_eval_step(apply_fn):
-    """Jitted (params, batch) -> per-row sums: loss, loss tokens, answer tokens, correct answer tokens."""
+def make_eval_step(apply_fn, *, layout=None, param_shardings=None):
+    """Jitted (params, batch) -> per-row sums: loss, loss tokens, answer tokens, correct answer tokens.
+
+    With a `layout`: host batches are split by rows over `data`, the sums come back replicated
+    (readable on every process).
+    """
 
     def eval_step(params, batch):
         logits = apply_fn({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"], batch["prompt"])
@@ -23,7 +27,10 @@ def make_eval_step(apply_fn):
             "answer_correct": jnp.sum(correct * answer_mask, axis=1),
         }
 
-    return jax.jit(eval_step)
+    if layout is None:
+        return jax.jit(eval_step)
+    jitted = layout.jit(eval_step, in_shardings=(param_shardings, layout.rows()), out_shardings=layout.replicated)
+    return lambda params, batch: jitted(params, layout.put_rows(batch))
 
 
 def _round_up(n, multiple=16):

@@ -11,21 +11,28 @@ from lmjax.tools import TOOLS
 class Generator:
     """Holds a compiled decoder for (lanes, max_len, chunk); reuse it across calls."""
 
-    def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0):
+    def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0, layout=None):
+        """`layout`: generate on a mesh (lanes over `data`, kv heads over `model`); `params` must
+        be laid out on it (see `from_workdir`)."""
         self.tokenizer = tokenizer
         self.task_info = {}
         self.format = DialogFormat.for_tokenizer(tokenizer)
-        decoder = Decoder(model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk, sample_vocab=tokenizer.vocab_size)
+        decoder = Decoder(
+            model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk, sample_vocab=tokenizer.vocab_size, layout=layout
+        )
         self.engine = LaneEngine(decoder, params, tokenizer, tool=tool, tool_timeout_s=tool_timeout_s)
 
     @classmethod
-    def from_workdir(cls, workdir, *, step=None, tools=None, max_len=None, **options):
-        """A generator for a training run's checkpoint; `tools="facts"` attaches its database."""
+    def from_workdir(cls, workdir, *, step=None, tools=None, max_len=None, layout=None, **options):
+        """A generator for a training run's checkpoint; `tools="facts"` attaches its database.
+        With a `layout`, the parameters are restored straight onto its mesh."""
         from lmjax.generate.load import load_run
 
-        config, model, params, task = load_run(workdir, step)
+        config, model, params, task = load_run(workdir, step, layout=layout)
         tool = TOOLS.get(tools)(task.info["data_dir"]) if tools else None
-        generator = cls(model, params, task.tokenizer, max_len=max_len or config.train.seq_len, tool=tool, **options)
+        generator = cls(
+            model, params, task.tokenizer, max_len=max_len or config.train.seq_len, tool=tool, layout=layout, **options
+        )
         generator.task_info = task.info  # e.g. the facts data folder and its recall sets
         return generator
 

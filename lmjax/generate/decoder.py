@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.generate.cache import KVCache, init_cache
+from lmjax.generate.cache import CACHE_AXES, KVCache, cache_shape, init_cache
 from lmjax.generate.sampling import SamplingParams, sample
 
 
@@ -53,8 +53,10 @@ class Decoder:
     """prefill/decode for `model` with `lanes` lanes of `max_len` cache slots each."""
 
     def __init__(self, model, lanes: int, max_len: int, *, stop_ids=(), chunk: int = 16, min_bucket: int = 16, cache_dtype=None,
-                 sample_vocab=None):
-        """`sample_vocab`: sample only ids below it (a tokenizer smaller than the model's vocabulary)."""
+                 sample_vocab=None, layout=None):
+        """`sample_vocab`: sample only ids below it (a tokenizer smaller than the model's vocabulary).
+        `layout` (lmjax.parallel.layout): run on its mesh, the cache split by lanes over `data`
+        and by kv heads over `model`; the parameters must be laid out on the same mesh."""
         if lanes <= 0 or max_len <= 0 or chunk <= 0:
             raise ValueError(f"lanes, max_len and chunk must be positive, got {lanes}, {max_len}, {chunk}.")
         self.model, self.lanes, self.max_len, self.chunk = model, lanes, max_len, chunk
@@ -64,10 +66,30 @@ class Decoder:
         self.buckets = [min_bucket * 2**i for i in range(32) if min_bucket * 2**i < max_len] + [max_len]
         self.cache_dtype = cache_dtype
         self.compilations = collections.Counter()  # ("prefill", bucket) / ("decode", chunk) -> traces
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+        self.layout = layout
+        if layout is None:
+            self._init = jax.jit(self._init_impl)
+            self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
+            self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+        else:
+            layout.check_rows(lanes, "lanes")
+            shardings = self._state_shardings(layout)
+            self._init = layout.jit(self._init_impl, out_shardings=shardings)
+            self._prefill = layout.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=shardings)
+            rep = layout.replicated
+            self._decode = layout.jit(self._decode_impl, donate_argnums=(1,), out_shardings=(shardings, rep, rep))
+
+    def _state_shardings(self, layout) -> LaneState:
+        """The cache by its logical axes; the per-lane counters replicated (the host reads them)."""
+        shape = cache_shape(self.model.cfg, self.lanes, self.max_len)
+        cache = layout.sharding(shape, CACHE_AXES)
+        rep = layout.replicated
+        return LaneState(cache=KVCache(cache, cache), next_token=rep, position=rep, generated=rep, active=rep)
 
     def init_state(self) -> LaneState:
+        return self._init()
+
+    def _init_impl(self) -> LaneState:
         B = self.lanes
         return LaneState(
             cache=init_cache(self.model.cfg, B, self.max_len, self.cache_dtype),

@@ -7,12 +7,13 @@ from ml_collections import config_dict
 from lmjax.data.datasets import build_task
 from lmjax.models import build_model
 from lmjax.train.checkpoint import Checkpointer
-from lmjax.train.loop import abstract_train_state, init_state_fn
+from lmjax.train.state import abstract_train_state, init_state_fn, state_shardings
 from lmjax.train.optimizer import make_optimizer
 
 
-def load_run(workdir, step=None):
-    """(config, model, params, task) at checkpoint `step` (default: the latest)."""
+def load_run(workdir, step=None, layout=None):
+    """(config, model, params, task) at checkpoint `step` (default: the latest); the parameters
+    on the first device, or sharded on `layout`'s mesh (whatever mesh the run trained on)."""
     workdir = Path(workdir)
     if not (workdir / "config.json").is_file():
         raise ValueError(f"{str(workdir)!r} has no config.json; point --workdir at a training run folder.")
@@ -26,8 +27,10 @@ def load_run(workdir, step=None):
             raise ValueError(f"No checkpoint at step {step} in {str(workdir)!r}; saved steps: {', '.join(map(str, steps))}.")
         model = build_model(config)
         tx, _ = make_optimizer(config.optim, config.train.steps)
-        abstract = abstract_train_state(init_state_fn(model, tx, config.train.seq_len), config.seed)
-        state, _ = checkpointer.restore(abstract, step)
+        seq_len = config.train.seq_len
+        shardings = state_shardings(model, tx, seq_len, layout) if layout is not None else None
+        abstract = abstract_train_state(init_state_fn(model, tx, seq_len), config.seed, shardings)
+        state, _ = checkpointer.restore(abstract, step, data=False)
     finally:
         checkpointer.close()
     return config, model, state.params, build_task(config, workdir)

@@ -9,47 +9,28 @@ import signal
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import psutil
 from tqdm import tqdm
 
 from lmjax.config import check_resume_compatible, to_json, validate
 from lmjax.data.datasets import build_task
-from lmjax.data.pipeline import train_batches
+from lmjax.data.pipeline import InputShards
 from lmjax.data.prefetch import Prefetcher
 from lmjax.eval.teacher_forced import eval_batches, evaluate_task, make_eval_step
 from lmjax.models import build_model
 from lmjax.monitor.metrics import MetricWriter
+from lmjax.parallel.layout import Layout
 from lmjax.registry import ConfigError
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.optimizer import make_optimizer
-from lmjax.train.step import TrainState, make_train_step
+from lmjax.train.state import abstract_train_state, init_state_fn, state_shardings
+from lmjax.train.step import make_train_step
 
 
 def seconds_since_process_start():
     return time.time() - psutil.Process().create_time()
-
-
-def init_state_fn(model, tx, seq_len):
-    def init_state(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        dummy = jnp.zeros((1, seq_len), jnp.int32)
-        params = nn.meta.unbox(model.init(init_rng, dummy)["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
-
-    return init_state
-
-
-def abstract_train_state(init_state, seed):
-    """Shapes, dtypes and (one-device) shardings of the train state, for restoring a checkpoint."""
-    device = jax.devices()[0]
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-        jax.eval_shape(init_state, jax.random.PRNGKey(seed)),
-    )
 
 
 class StopSignal:
@@ -99,29 +80,31 @@ def train(config, workdir) -> dict:
 
     task = build_task(config, workdir)
     model = build_model(config)
+    layout = Layout.from_config(config)
+    layout.check_rows(t.batch_size, "train.batch_size")
+    layout.check_rows(config.eval.batch_size, "eval.batch_size")
     tx, schedule = make_optimizer(config.optim, t.steps)
     init_state = init_state_fn(model, tx, t.seq_len)
-    abstract_state = abstract_train_state(init_state, config.seed)
+    shardings = state_shardings(model, tx, t.seq_len, layout)
 
-    batches = iter(
-        train_batches(
-            task.train, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed,
-            pack=config.data.get("pack", False),
-        )
+    rows = layout.process_rows(t.batch_size)
+    batches = InputShards(
+        task.train, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed, pack=config.data.get("pack", False),
+        shards=config.data.get("input_shards", 0) or len(layout.row_spans(t.batch_size)), rows=rows,
     )
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     resume_step = checkpointer.latest_step()
     if resume_step is not None:
-        state, data_state = checkpointer.restore(abstract_state)
+        state, data_state = checkpointer.restore(abstract_train_state(init_state, config.seed, shardings))
         batches.set_state(data_state)
     else:
-        state = jax.jit(init_state)(jax.random.PRNGKey(config.seed))
+        state = layout.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
     start = int(state.step)
 
     is_lead = jax.process_index() == 0
     writer = MetricWriter(workdir, config, enabled=is_lead, resume_step=resume_step)
-    train_step = make_train_step(model.apply, tx, schedule, config.optim.grad_accum)
-    eval_step = make_eval_step(model.apply)
+    train_step = make_train_step(model.apply, tx, schedule, config.optim.grad_accum, layout=layout, shardings=shardings)
+    eval_step = make_eval_step(model.apply, layout=layout, param_shardings=shardings.params)
     eval_sets = {name: eval_batches(examples, config.eval.batch_size) for name, examples in task.eval_sets.items()}
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     if start == 0:
@@ -135,9 +118,10 @@ def train(config, workdir) -> dict:
     step = start
     try:
         while step < t.steps and stop.received is None and reached is None:
-            batch = next(prefetcher)
-            window_tokens += int(np.count_nonzero(batch["segment_ids"]))
-            state, metrics = train_step(state, batch)
+            local_batch = next(prefetcher)
+            # Real tokens in this process's rows, scaled to the global batch.
+            window_tokens += int(np.count_nonzero(local_batch["segment_ids"])) * t.batch_size // (rows[1] - rows[0])
+            state, metrics = train_step(state, layout.put_local_rows(local_batch, t.batch_size))
             step += 1
             window_steps += 1
             bar.update(1)
@@ -171,7 +155,9 @@ def train(config, workdir) -> dict:
     if task.kind == "facts" and config.eval.get("recall", False) and stop.received is None:
         from lmjax.eval.recall import recall_metrics
 
-        recall = recall_metrics(model, state.params, task, config, progress=is_lead and config.logging.progress_bar)
+        recall = recall_metrics(
+            model, state.params, task, config, progress=is_lead and config.logging.progress_bar, layout=layout
+        )
         recall["time/since_start_s"] = seconds_since_process_start()
         writer.write(step, recall)
         last_eval = {**last_eval, **recall}

@@ -26,7 +26,10 @@ def token_losses(apply_fn, params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]), logits
 
 
-def make_train_step(apply_fn, tx, schedule, grad_accum: int = 1):
+def make_train_step(apply_fn, tx, schedule, grad_accum: int = 1, *, layout=None, shardings=None):
+    """The jitted step. With a `layout` (lmjax.parallel.layout) and the state's `shardings`, it
+    takes and returns the state sharded like that, takes batches split by rows over `data`,
+    and traces under the layout's mesh and rules (so activation constraints apply)."""
     def summed_loss(params, micro):
         losses, _ = token_losses(apply_fn, params, micro)
         mask = micro["loss_mask"].astype(jnp.float32)
@@ -58,4 +61,8 @@ def make_train_step(apply_fn, tx, schedule, grad_accum: int = 1):
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if layout is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return layout.jit(
+        train_step, donate_argnums=0, in_shardings=(shardings, layout.rows()), out_shardings=(shardings, layout.replicated)
+    )

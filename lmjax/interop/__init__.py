@@ -1,0 +1,1 @@
+"""Import and export of parameters: consolidated safetensors + params.json (lmjax.interop.consolidated)."""
