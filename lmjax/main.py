@@ -60,6 +60,10 @@ def main(argv):
     config = _CONFIG.value
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
     try:
+        if "parallel" in config:  # before jax computes anything: a multi-host run joins here
+            from lmjax.parallel.distributed import initialize
+
+            initialize(config.parallel.distributed)
         summary = train(config, workdir)
     except ConfigError as error:
         _fail(str(error))

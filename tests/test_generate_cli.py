@@ -45,6 +45,8 @@ def test_generate_cli_prints_completions_with_tool_calls(tool_run, subprocess_en
     (["--prompt", "hi", "--top_p", "0"], "top_p must be in (0, 1]"),
     (["--prompt", "hi", "--tools", "calculator"], "Unknown tools 'calculator' in tools; choose one of: facts."),
     (["--prompt", "hi", "--step", "3"], "No checkpoint at step 3"),
+    (["--prompt", "hi", "--mesh", "4by2"], "--mesh must look like DATAxMODEL"),
+    (["--prompt", "hi", "--mesh", "3x1"], "parallel.data x parallel.model = 3 x 1 = 3 devices, but there are 1"),
 ])
 def test_generate_cli_errors_are_one_line(tool_run, subprocess_env, args, message):
     workdir, _ = tool_run
@@ -65,3 +67,15 @@ def test_recall_cli_on_a_checkpoint(tool_run, subprocess_env):
     assert out.returncode == 0, out.stderr
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(metrics) >= {"eval/qa_recall", "eval/qa_unseen_recall"}
+
+
+def test_generate_cli_on_a_two_device_mesh_prints_the_one_device_tokens(tool_run, subprocess_env):
+    workdir, _ = tool_run
+    args = ["--workdir", str(workdir), "--tools", "facts", "--json", "--max_new_tokens", "40", "--lanes", "2",
+            "--prompt", "When was Ada born?", "--prompt", "Where does Bo live?"]
+    one = run("lmjax.generate", *args, env=subprocess_env)
+    two_devices = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    meshed = run("lmjax.generate", *args, "--mesh", "2x1", env=two_devices)
+    assert one.returncode == 0 and meshed.returncode == 0, meshed.stderr
+    assert [json.loads(line)["tokens"] for line in meshed.stdout.splitlines()] == \
+        [json.loads(line)["tokens"] for line in one.stdout.splitlines()]

@@ -26,6 +26,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lanes", type=int, default=8)
     p.add_argument("--max_len", type=int, default=None, help="cache slots per lane (default: train.seq_len)")
+    p.add_argument("--mesh", default=None, help="DATAxMODEL devices, e.g. 4x2 (lanes over data, kv heads over "
+                   "model); default: one device")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     return p.parse_args(argv)
 
@@ -46,6 +48,19 @@ def read_prompts(path):
     return prompts
 
 
+def mesh_layout(text):
+    """'4x2' -> a Layout of 4 data x 2 model devices; None -> None (one device)."""
+    if text is None:
+        return None
+    from lmjax.parallel.layout import Layout
+
+    try:
+        data, model = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--mesh must look like DATAxMODEL (e.g. 4x2 or -1x1), got {text!r}.") from None
+    return Layout.from_config({"parallel": {"data": data, "model": model}})
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     tune_xla_cpu_flags()
@@ -56,7 +71,9 @@ def main(argv=None):
         prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
         if not prompts:
             raise ValueError("Give --prompt TEXT or --prompts FILE.jsonl.")
-        generator = Generator.from_workdir(args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, lanes=args.lanes)
+        generator = Generator.from_workdir(
+            args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, lanes=args.lanes, layout=mesh_layout(args.mesh)
+        )
         completions = generator.generate(
             prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, progress=len(prompts) > 1 and not args.json,
