@@ -61,19 +61,25 @@ def main(argv):
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
     try:
         if "parallel" in config:  # before jax computes anything: a multi-host run joins here
-            from lmjax.parallel.distributed import initialize
+            from lmjax.parallel.distributed import initialize, process_info
 
-            initialize(config.parallel.distributed)
+            info = process_info() if initialize(config.parallel.distributed) else None
+            if info and info["process_index"] == 0:
+                print(f"lmjax: {info['process_count']} processes, {info['device_count']} {info['platform']} devices "
+                      f"({info['local_device_count']} per process)")
         summary = train(config, workdir)
     except ConfigError as error:
         _fail(str(error))
     shown = {k: v for k, v in summary.items() if k.startswith(("eval/", "train/loss"))}
-    print(
-        f"lmjax: {_status(summary, config)} step {summary['step']} in "
-        f"{summary['seconds_since_start']:.1f} s | "
-        + " | ".join(f"{k} {v:.4f}" for k, v in shown.items())
-        + f" | workdir {workdir}"
-    )
+    import jax
+
+    if jax.process_index() == 0:  # one summary line per run
+        print(
+            f"lmjax: {_status(summary, config)} step {summary['step']} in "
+            f"{summary['seconds_since_start']:.1f} s | "
+            + " | ".join(f"{k} {v:.4f}" for k, v in shown.items())
+            + f" | workdir {workdir}"
+        )
     if summary["interrupted"]:
         sys.exit(143)
 
