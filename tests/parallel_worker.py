@@ -76,6 +76,21 @@ def host(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
 
 
+def init_memory(root, mesh):
+    """(bytes of the whole train state, per-device output bytes, per-device temporary bytes) of
+    the compiled sharded initialisation."""
+    cfg = config(root, mesh, **{"model.dim": 256, "model.mlp_hidden": 1024})
+    model = build_model(cfg)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    layout = layout_of(cfg)
+    init = init_state_fn(model, tx, cfg.train.seq_len)
+    jitted = layout.jit(init, out_shardings=state_shardings(model, tx, cfg.train.seq_len, layout)).jitted
+    with layout.context():
+        memory = jitted.lower(jax.random.PRNGKey(0)).compile().memory_analysis()
+    full = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(jax.eval_shape(init, jax.random.PRNGKey(0))))
+    return [full, memory.output_size_in_bytes, memory.temp_size_in_bytes]
+
+
 def greedy_tokens(decoder, params, prompts, n_new):
     """Prefill every prompt in its own lane, then decode greedily n_new tokens per lane."""
     requests = LaneRequests.empty(decoder.lanes).replace(max_new=np.full(decoder.lanes, n_new, np.int32))
@@ -135,6 +150,7 @@ def main(root):
     train(config(root, "1x8"), resumed)
     results["resumed_losses"] = losses(resumed)
 
+    results["init_memory"] = {mesh: init_memory(root, mesh) for mesh in ("8x1", "8x1-fsdp")}
     single = Layout.single_device()
     results["generations"] = generations(root, {"one-device": single, "4x2": layout_of(config(root, "4x2")),
                                                 "1x8": layout_of(config(root, "1x8"))})

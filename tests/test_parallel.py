@@ -80,6 +80,15 @@ def test_parameter_and_optimizer_shards_have_the_expected_shapes(results, mesh):
                 assert shards[f"['opt_state'][0][0].{moment}{leaf}"] == shapes, (moment, leaf)
 
 
+def test_sharded_initialisation_never_builds_the_full_state_on_one_device(results):
+    (full, out_dp, _), (_, out_fsdp, temp_fsdp) = (results[1]["init_memory"][m] for m in ("8x1", "8x1-fsdp"))
+    assert out_dp >= full  # data parallel: every device holds the whole state
+    # FSDP over 8 devices: each creates its eighth (plus replicated counters and PRNG key), and
+    # its scratch space stays well below the full state (random bits generated per shard).
+    assert out_fsdp <= full / 8 + 1024
+    assert temp_fsdp < full / 8
+
+
 def test_checkpoint_from_a_4x2_mesh_restores_onto_1x8_and_one_device_unchanged(results):
     eight = results[1]
     assert eight["restore_equal"] == {"1x8": True, "one-device": True}
