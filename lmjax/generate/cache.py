@@ -1,16 +1,28 @@
-"""The KV cache: one key and one value array per model, stacked over layers like nn.scan.
+"""Generation caches: what a model keeps per lane between decoding calls, by model family.
 
-Shapes: [layers, lanes, max_len, kv_heads, head_dim]. Slot j of a lane holds the token at
-position j of that lane's dialog, so a lane's length is the only bookkeeping the cache needs
-and it lives with the decoder's lane state, not here. Logical axis names let the parallel
-layout shard lanes over `data` and kv heads over `model` by rule, like parameters.
+A family registers `cache_spec(model_cfg, lanes, max_len, dtype)`: a pytree of `CacheLeaf`
+(shape, dtype, logical axes). The decoder builds zeros from it and, on a mesh, shards each
+leaf by its logical axes like a parameter; the model's `__call__(..., cache=...)` takes and
+returns that pytree.
+
+Transformer: `KVCache(k, v)`, each [layers, lanes, max_len, kv_heads, head_dim] (stacked like
+nn.scan). Slot j of a lane holds the token at position j of that lane's dialog, so a lane's
+length is the only bookkeeping the cache needs and it lives with the decoder's lane state.
 """
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from lmjax.models.transformer import TransformerConfig
+
 CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+
+
+class CacheLeaf(NamedTuple):
+    shape: tuple
+    dtype: jnp.dtype
+    axes: tuple  # logical axis names, one per dimension
 
 
 class KVCache(NamedTuple):
@@ -29,13 +41,29 @@ class KVCache(NamedTuple):
         return self.k.nbytes + self.v.nbytes
 
 
-def cache_shape(model_cfg, lanes: int, max_len: int):
-    head_dim = model_cfg.dim // model_cfg.n_heads
-    return (model_cfg.n_layers, lanes, max_len, model_cfg.n_kv_heads, head_dim)
+def _kv_cache_spec(cfg: TransformerConfig, lanes, max_len, dtype):
+    head_dim = cfg.dim // cfg.n_heads
+    leaf = CacheLeaf((cfg.n_layers, lanes, max_len, cfg.n_kv_heads, head_dim), dtype, CACHE_AXES)
+    return KVCache(leaf, leaf)
 
 
-def init_cache(model_cfg, lanes: int, max_len: int, dtype=None) -> KVCache:
-    """Zeros; `dtype` defaults to the model's compute dtype."""
-    dtype = jnp.dtype(dtype or model_cfg.compute_dtype)
-    shape = cache_shape(model_cfg, lanes, max_len)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+CACHE_SPECS: dict[type, Callable] = {TransformerConfig: _kv_cache_spec}
+
+
+def cache_spec(model_cfg, lanes: int, max_len: int, dtype=None):
+    """The cache of a model family as a pytree of CacheLeaf; `dtype` defaults to the compute dtype."""
+    spec = CACHE_SPECS.get(type(model_cfg))
+    if spec is None:
+        raise ValueError(f"No generation cache is defined for {type(model_cfg).__name__} models.")
+    return spec(model_cfg, lanes, max_len, jnp.dtype(dtype or model_cfg.compute_dtype))
+
+
+def is_leaf(x) -> bool:
+    return isinstance(x, CacheLeaf)
+
+
+def init_cache(model_cfg, lanes: int, max_len: int, dtype=None):
+    """Zeros in the shape of the family's cache."""
+    return jax.tree_util.tree_map(
+        lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), cache_spec(model_cfg, lanes, max_len, dtype), is_leaf=is_leaf
+    )

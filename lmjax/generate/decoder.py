@@ -11,19 +11,20 @@ uses the key `fold_in(request_key, n)`, so a request's tokens depend on its own 
 on the lane it ran in, the other lanes, or how decoding was chunked.
 """
 import collections
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.generate.cache import CACHE_AXES, KVCache, cache_shape, init_cache
+from lmjax.generate.cache import cache_spec, init_cache, is_leaf
 from lmjax.generate.sampling import SamplingParams, sample
 
 
 @flax.struct.dataclass
 class LaneState:
-    cache: KVCache
+    cache: Any  # the model family's cache pytree (lmjax.generate.cache), e.g. a KVCache
     next_token: jax.Array  # [B] int32
     position: jax.Array  # [B] int32
     generated: jax.Array  # [B] int32: tokens sampled for the lane's current request
@@ -81,10 +82,10 @@ class Decoder:
 
     def _state_shardings(self, layout) -> LaneState:
         """The cache by its logical axes; the per-lane counters replicated (the host reads them)."""
-        shape = cache_shape(self.model.cfg, self.lanes, self.max_len)
-        cache = layout.sharding(shape, CACHE_AXES)
+        spec = cache_spec(self.model.cfg, self.lanes, self.max_len, self.cache_dtype)
+        cache = jax.tree_util.tree_map(lambda leaf: layout.sharding(leaf.shape, leaf.axes), spec, is_leaf=is_leaf)
         rep = layout.replicated
-        return LaneState(cache=KVCache(cache, cache), next_token=rep, position=rep, generated=rep, active=rep)
+        return LaneState(cache=cache, next_token=rep, position=rep, generated=rep, active=rep)
 
     def init_state(self) -> LaneState:
         return self._init()
