@@ -13,7 +13,7 @@ FACTS_MODES = ("weights", "tool")
 
 @dataclasses.dataclass
 class TaskData:
-    kind: str  # "facts" (dialogs with answers) or "text" (next-token windows)
+    kind: str  # "facts" (dialogs with answers), "text" (next-token windows) or "mqar" (recall queries)
     vocab_size: int
     train: Sequence[dict]
     eval_sets: dict  # name -> examples; facts examples carry `answer_mask`
@@ -95,6 +95,61 @@ class Shakespeare:
         n_val = min(len(val), max_batches * config.eval.batch_size)
         val_examples = [val[i] for i in np.linspace(0, len(val) - 1, n_val).astype(int)]
         return TaskData("text", tokenizer.vocab_size, train, {"val": val_examples}, {"chars": tokenizer.vocab_size}, tokenizer)
+
+
+@DATASETS.register("mqar")
+class Mqar:
+    """Multi-query associative recall (lmjax/data/mqar.py): fresh train and eval sequences by seed."""
+
+    @staticmethod
+    def validate(config):
+        from lmjax.data.mqar import VARIANTS, num_slots, slots_needed
+
+        d = config.data
+        if d.variant not in VARIANTS:
+            raise ConfigError(f"Unknown MQAR variant {d.variant!r} in data.variant; choose one of: {', '.join(VARIANTS)}.")
+        for key in ("vocab_size", "seq_len", "num_kv_pairs", "num_train", "num_eval"):
+            if not isinstance(d[key], int) or d[key] <= 0:
+                raise ConfigError(f"data.{key} must be a positive integer, got {d[key]!r}.")
+        if not d.power_a > 0:
+            raise ConfigError(f"data.power_a must be positive, got {d.power_a!r}.")
+        reassigned = d.get("num_reassigned", 0)
+        if d.variant == "forgetting" and not 1 <= reassigned <= d.num_kv_pairs:
+            raise ConfigError(
+                f"data.num_reassigned={reassigned} must be between 1 and data.num_kv_pairs={d.num_kv_pairs} "
+                f"in the forgetting variant."
+            )
+        needed = slots_needed(d.num_kv_pairs, d.variant, reassigned)
+        if num_slots(d.seq_len, d.num_kv_pairs) < needed:
+            raise ConfigError(
+                f"data.seq_len={d.seq_len} is too short for {needed} queries/rebindings after "
+                f"data.num_kv_pairs={d.num_kv_pairs} pairs; raise data.seq_len to at least {2 * d.num_kv_pairs + 2 * needed}."
+            )
+        if d.num_kv_pairs > d.vocab_size // 2 - 1 or needed > d.vocab_size - d.vocab_size // 2:
+            raise ConfigError(
+                f"data.vocab_size={d.vocab_size} has {d.vocab_size // 2 - 1} keys, too few for "
+                f"data.num_kv_pairs={d.num_kv_pairs}; raise data.vocab_size."
+            )
+        if config.model.vocab_size != d.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={config.model.vocab_size} must equal data.vocab_size={d.vocab_size}."
+            )
+        if config.train.seq_len < d.seq_len:
+            raise ConfigError(f"train.seq_len={config.train.seq_len} is below data.seq_len={d.seq_len}; raise train.seq_len.")
+
+    @staticmethod
+    def build(config, workdir) -> TaskData:
+        from lmjax.data import mqar
+
+        d = config.data
+        sizes = dict(
+            vocab_size=d.vocab_size, seq_len=d.seq_len, num_kv_pairs=d.num_kv_pairs, power_a=d.power_a,
+            variant=d.variant, num_reassigned=d.get("num_reassigned", 0),
+        )
+        # Two independent streams of one seed: the eval sequences are not the training ones.
+        train = mqar.MqarSource(mqar.generate(d.num_train, seed=[d.seed, 0], **sizes))
+        evals = mqar.MqarSource(mqar.generate(d.num_eval, seed=[d.seed, 1], **sizes))
+        return TaskData("mqar", d.vocab_size, train, {"mqar": [evals[i] for i in range(len(evals))]}, dict(sizes))
 
 
 def build_task(config, workdir) -> TaskData:

@@ -1,4 +1,5 @@
-"""Teacher-forced evaluation: per-dialog exact match of answer tokens, and mean loss."""
+"""Teacher-forced evaluation: per-dialog exact match of answer tokens, per-token accuracy at MQAR
+query positions, and mean loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +52,7 @@ def eval_batches(examples, batch_size):
 
 def evaluate(eval_step, params, batches):
     """Summed statistics over the batches of one eval set."""
-    totals = {"loss_sum": 0.0, "loss_tokens": 0.0, "answered": 0, "exact": 0}
+    totals = {"loss_sum": 0.0, "loss_tokens": 0.0, "answered": 0, "exact": 0, "answer_tokens": 0, "answer_correct": 0}
     for batch, n_real in batches:
         out = jax.device_get(eval_step(params, batch))
         out = {k: v[:n_real] for k, v in out.items()}
@@ -60,17 +61,27 @@ def evaluate(eval_step, params, batches):
         has_answer = out["answer_tokens"] > 0
         totals["answered"] += int(has_answer.sum())
         totals["exact"] += int((has_answer & (out["answer_correct"] == out["answer_tokens"])).sum())
+        totals["answer_tokens"] += int(out["answer_tokens"].sum())
+        totals["answer_correct"] += int(out["answer_correct"].sum())
     return totals
 
 
 def evaluate_task(eval_step, params, kind, batches_by_set):
-    """Metrics for every eval set: eval/{set}_acc and _loss for facts, eval/loss for text."""
+    """Metrics for every eval set: eval/{set}_acc and _loss for facts, eval/loss for text.
+
+    mqar: eval/{set}_acc is per token (the fraction of query positions whose argmax is the
+    value), eval/{set}_seq_acc per sequence (every query of the sequence right).
+    """
     metrics = {}
     for name, batches in batches_by_set.items():
         totals = evaluate(eval_step, params, batches)
         loss = totals["loss_sum"] / max(totals["loss_tokens"], 1)
         if kind == "facts":
             metrics[f"eval/{name}_acc"] = totals["exact"] / max(totals["answered"], 1)
+            metrics[f"eval/{name}_loss"] = loss
+        elif kind == "mqar":
+            metrics[f"eval/{name}_acc"] = totals["answer_correct"] / max(totals["answer_tokens"], 1)
+            metrics[f"eval/{name}_seq_acc"] = totals["exact"] / max(totals["answered"], 1)
             metrics[f"eval/{name}_loss"] = loss
         else:
             metrics["eval/loss" if name == "val" else f"eval/{name}_loss"] = loss

@@ -1,18 +1,79 @@
-"""Grouped-query self-attention with RoPE; the attention math itself is chosen by name."""
+"""Grouped-query self-attention with RoPE; the attention math itself is chosen by name.
+
+Every implementation in `ATTENTION_IMPLEMENTATIONS` is `fn(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask)`
+where `mask` is an `AttentionMask` (the dense [B, L, S] mask plus what it is made of) or, for the
+dense-mask implementations (xla, cudnn), a plain boolean [B, L, S] array.
+"""
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lmjax.models.layers import Projection, apply_rope, init_for
+from lmjax.models.masks import attention_mask, cache_attention_mask
 
 
-def xla_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxLxS):
+class AttentionMask(NamedTuple):
+    """Who may attend to whom, both as a dense mask and as the per-token parts it is made of:
+
+        allowed[b, i, j] = q_segment_ids[b, i] == kv_segment_ids[b, j] and
+                           (kv_positions[b, j] == q_positions[b, i]     if q_segment_ids[b, i] == 0
+                            else kv_positions[b, j] <= q_positions[b, i] or q_prompt[b, i] and kv_prompt[b, j])
+
+    Dense-mask implementations read `dense_BxLxS`; flash kernels read the parts and never build
+    [B, L, S]. (Under jit the unused dense mask costs nothing: XLA drops it.) Build it with
+    `packed` (training: the rule of `masks.attention_mask`) or `cache` (generation: the rule of
+    `masks.cache_attention_mask`). A pytree, so it passes through nn.scan / remat like an array.
+    """
+
+    dense_BxLxS: jax.Array
+    q_segment_ids_BxL: jax.Array
+    kv_segment_ids_BxS: jax.Array
+    q_positions_BxL: jax.Array
+    kv_positions_BxS: jax.Array
+    q_prompt_BxL: jax.Array
+    kv_prompt_BxS: jax.Array
+
+    @classmethod
+    def packed(cls, segment_ids_BxL, prompt_BxL=None):
+        """Self-attention over packed rows (0 = padding), causal by index, prefix-LM prompts."""
+        B, L = segment_ids_BxL.shape
+        index_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        prompt = jnp.zeros((B, L), bool) if prompt_BxL is None else prompt_BxL.astype(bool)
+        dense = attention_mask(segment_ids_BxL, prompt_BxL)
+        return cls(dense, segment_ids_BxL, segment_ids_BxL, index_BxL, index_BxL, prompt, prompt)
+
+    @classmethod
+    def cache(cls, positions_BxL, cache_len: int, prompt_BxL=None):
+        """Chunk queries at `positions_BxL` against the `cache_len` slots of a KV cache."""
+        B, L = positions_BxL.shape
+        slots_BxS = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (B, cache_len))
+        if prompt_BxL is None:
+            q_prompt, kv_prompt = jnp.zeros((B, L), bool), jnp.zeros((B, cache_len), bool)
+        else:
+            q_prompt = prompt_BxL.astype(bool)
+            prompt_len_B = jnp.max(jnp.where(q_prompt, positions_BxL + 1, 0), axis=1)
+            kv_prompt = slots_BxS < prompt_len_B[:, None]
+        dense = cache_attention_mask(positions_BxL, cache_len, prompt_BxL)
+        ones_q, ones_kv = jnp.ones((B, L), jnp.int32), jnp.ones((B, cache_len), jnp.int32)
+        return cls(dense, ones_q, ones_kv, positions_BxL, slots_BxS, q_prompt, kv_prompt)
+
+
+def dense_mask(mask):
+    """The [B, L, S] boolean mask of an `AttentionMask` or of a dense mask itself."""
+    return mask.dense_BxLxS if isinstance(mask, AttentionMask) else mask
+
+
+def xla_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask):
     """Reference attention in plain einsums, f32 softmax; H query heads share K kv heads.
+    `mask`: an `AttentionMask` or a boolean [B, L, S] array.
 
     Heads go in front of the sequence axes before the matmuls, and the softmax is normalised
     after the probability-value product (dividing [.., L, D] instead of [.., L, S]): on
     XLA:CPU this makes forward + backward ~2x faster than the textbook order.
     """
+    mask_BxLxS = dense_mask(mask)
     B, L, H, D = q_BxLxHxD.shape
     K = k_BxSxKxD.shape[2]
     q_BxKxGxLxD = (q_BxLxHxD * D**-0.5).reshape(B, L, K, H // K, D).transpose(0, 2, 3, 1, 4)
@@ -28,7 +89,47 @@ def xla_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask_BxLxS):
     return out.astype(v_BxSxKxD.dtype).transpose(0, 3, 1, 2, 4).reshape(B, L, H, D)
 
 
-ATTENTION_IMPLEMENTATIONS = {"xla": xla_attention}
+def pallas_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask, *, block_q=128, block_k=128, backend=None):
+    """Flash attention (`lmjax.kernels.flash_attention`): the mask is computed per block from
+    the parts of an `AttentionMask`, never from a dense mask. Triton on GPU, Mosaic on TPU,
+    interpret mode elsewhere (correct but slow: for tests, not for training on CPU)."""
+    if not isinstance(mask, AttentionMask):
+        raise TypeError(
+            "pallas attention needs an AttentionMask (segment ids, positions, prompt flags), not a "
+            "dense [B, L, S] mask; build it with AttentionMask.packed(...) or AttentionMask.cache(...)."
+        )
+    from lmjax.kernels.flash_attention import flash_attention
+
+    return flash_attention(
+        q_BxLxHxD, k_BxSxKxD, v_BxSxKxD,
+        mask.q_segment_ids_BxL, mask.kv_segment_ids_BxS, mask.q_positions_BxL, mask.kv_positions_BxS,
+        mask.q_prompt_BxL, mask.kv_prompt_BxS,
+        block_q=block_q, block_k=block_k, backend=backend,
+    )
+
+
+def cudnn_attention(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask):
+    """`jax.nn.dot_product_attention` with the dense mask: cuDNN's fused kernel on a GPU
+    (needs bf16/fp16 activations), its XLA implementation on any other device, so that a
+    config naming "cudnn" still runs on a laptop CPU or a TPU."""
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and q_BxLxHxD.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"cudnn attention needs bfloat16 or float16 activations, got {q_BxLxHxD.dtype}; set "
+            "model.compute_dtype=bfloat16 or choose implementation.attention=xla."
+        )
+    dtype = q_BxLxHxD.dtype
+    out = jax.nn.dot_product_attention(
+        q_BxLxHxD, k_BxSxKxD.astype(dtype), v_BxSxKxD.astype(dtype), mask=dense_mask(mask)[:, None],
+        implementation="cudnn" if on_gpu else "xla",
+    )
+    return out.astype(v_BxSxKxD.dtype)
+
+
+ATTENTION_IMPLEMENTATIONS = {"xla": xla_attention, "pallas": pallas_attention, "cudnn": cudnn_attention}
+# With a KV cache (generation: a short chunk of queries against every cache slot), these fall back
+# to xla: flash tiling gains nothing at decode time.
+CACHE_FALLBACK = {"pallas": "xla"}
 
 
 class Attention(nn.Module):
@@ -42,13 +143,16 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxE, rope_cos, rope_sin, mask_BxLxS, layer_cache=None, write_slots_BxL=None):
+    def __call__(self, x_BxLxE, rope_cos, rope_sin, mask, layer_cache=None, write_slots_BxL=None):
         """Without a cache: self-attention over the L tokens. With `layer_cache` = (k, v, layer),
         k and v [layers, B, S, kv_heads, head_dim] for the whole model: the chunk's keys/values
         are written into this layer's slots `write_slots_BxL` (slots >= S are dropped: padding),
         the queries attend over all S slots through the mask, and the updated (k, v) is
         returned beside the output. Writing into the whole stacked cache, rather than into a
-        per-layer slice that is then stacked again, lets XLA update it in place."""
+        per-layer slice that is then stacked again, lets XLA update it in place.
+
+        `mask`: an `AttentionMask` (any implementation) or a dense boolean [B, L, S] array
+        (dense-mask implementations only: xla, cudnn). With a cache, `pallas` runs xla."""
         head_dim = self.dim // self.n_heads
 
         def proj(name, heads):
@@ -69,7 +173,10 @@ class Attention(nn.Module):
             v_all = v_all.at[layer, rows_Bx1, write_slots_BxL].set(v.astype(v_all.dtype), mode="drop")
             k, v = k_all[layer], v_all[layer]
             new_cache = (k_all, v_all)
-        out_BxLxHxD = ATTENTION_IMPLEMENTATIONS[self.implementation](q, k, v, mask_BxLxS)
+        name = self.implementation
+        if layer_cache is not None:
+            name = CACHE_FALLBACK.get(name, name)
+        out_BxLxHxD = ATTENTION_IMPLEMENTATIONS[name](q, k, v, mask)
         out = Projection(
             (self.n_heads, head_dim), (self.dim,), ("heads", "kv", "embed"),
             init_for(self.init_scheme, self.dim, self.n_layers, "out"),

@@ -5,9 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models.attention import Attention
+from lmjax.models.attention import Attention, AttentionMask
 from lmjax.models.layers import Embedding, Projection, RMSNorm, init_for, rope_angles
-from lmjax.models.masks import attention_mask, cache_attention_mask
 
 REMAT_POLICIES = {
     "none": None,
@@ -61,7 +60,7 @@ class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, carry, rope, mask_BxLxS, write_slots_BxL=None):
+    def __call__(self, carry, rope, mask, write_slots_BxL=None):
         """(carry, None), the shape nn.scan wants. carry: x [B, L, E] in training; in generation
         (x, k_all, v_all, layer) with the whole stacked cache, updated and passed on."""
         c = self.cfg
@@ -69,7 +68,7 @@ class Block(nn.Module):
         x_BxLxE, layer_cache = (carry[0], carry[1:]) if isinstance(carry, tuple) else (carry, None)
         attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.n_layers, c.init, c.attention, pdt, dt, name="attention")
         normed = RMSNorm(c.norm_eps, pdt, dt, name="attention_norm")(x_BxLxE)
-        attended = attn(normed, *rope, mask_BxLxS, layer_cache, write_slots_BxL)
+        attended = attn(normed, *rope, mask, layer_cache, write_slots_BxL)
         if layer_cache is not None:
             attended, (k_all, v_all) = attended
         h = x_BxLxE + attended
@@ -105,10 +104,10 @@ class Transformer(nn.Module):
         if not c.prefix_lm:
             prompt_BxL = None
         if cache is None:
-            mask_BxLxS, write_slots_BxL = attention_mask(segment_ids_BxL, prompt_BxL), None
+            mask, write_slots_BxL = AttentionMask.packed(segment_ids_BxL, prompt_BxL), None
         else:
             cache_len = cache[0].shape[2]
-            mask_BxLxS = cache_attention_mask(positions_BxL, cache_len, prompt_BxL)
+            mask = AttentionMask.cache(positions_BxL, cache_len, prompt_BxL)
             write_slots_BxL = jnp.where(segment_ids_BxL != 0, positions_BxL, cache_len)
         rope = rope_angles(positions_BxL, c.dim // c.n_heads, c.rope_base)
 
@@ -121,7 +120,7 @@ class Transformer(nn.Module):
         carry = x if cache is None else (x, cache[0], cache[1], jnp.zeros((), jnp.int32))
         if not c.scan_layers:
             for i in range(c.n_layers):
-                carry, _ = block(c, name=f"layer_{i}")(carry, rope, mask_BxLxS, write_slots_BxL)
+                carry, _ = block(c, name=f"layer_{i}")(carry, rope, mask, write_slots_BxL)
         else:
             layers = nn.scan(
                 block,
@@ -131,7 +130,7 @@ class Transformer(nn.Module):
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, name="layers")
-            carry, _ = layers(carry, rope, mask_BxLxS, write_slots_BxL)
+            carry, _ = layers(carry, rope, mask, write_slots_BxL)
         x, new_cache = (carry, None) if cache is None else (carry[0], _same_kind(cache, carry[1], carry[2]))
         if logits_at_B is not None:
             x = x[jnp.arange(B), logits_at_B][:, None, :]
