@@ -9,6 +9,7 @@ trained on fresh generated sequences until per-token accuracy at query positions
 (`eval/mqar_acc`) reaches 99%. Zoology's default vocabulary is 8,192; 512 keeps the output
 layer small so the run takes minutes on a CPU (`--config.data.vocab_size=8192` for Zoology's).
 `model.vocab_size` and `train.seq_len` follow `data.vocab_size` and `data.seq_len`.
+Other families: `--config.implementation.model=mamba` or `=rnn --config.model.cell=hawk|mingru|minlstm`.
 """
 from ml_collections import config_dict
 
@@ -28,6 +29,9 @@ def get_config():
         dim=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=256, vocab_size=c.data.get_ref("vocab_size"),
         tie_embeddings=False, rope_base=10000.0, norm_eps=1e-5, init="normal", remat="none",
         scan_layers=False, param_dtype="float32", compute_dtype="float32", prefix_lm=False,
+        # Recurrent families (--config.implementation.model=mamba | rnn): Mamba's SSM state size,
+        # conv width, expansion, dt rank (0 = dim/16) and scan; the RNN's cell and width (0 = dim).
+        d_state=16, d_conv=4, expand=2, dt_rank=0, scan="chunked", chunk_size=64, cell="hawk", width=0,
     )
     c.optim = dict(
         lr=3e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1, clip_norm=1.0,

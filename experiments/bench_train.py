@@ -19,7 +19,6 @@ if __name__ == "__main__":  # XLA:CPU runtime choices must precede the jax impor
     tune_xla_cpu_flags()
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 

@@ -14,12 +14,13 @@ from lmjax.registry import ConfigError
 REQUIRED = {
     "": ("seed", "implementation", "model", "data", "optim", "train", "eval", "logging", "checkpoint"),
     "implementation": ("model", "attention", "profiler"),
-    "model": ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size"),
+    "model": ("dim", "n_layers", "vocab_size"),  # + TRANSFORMER_REQUIRED for transformers
     "data": ("name",),
     "optim": ("lr", "weight_decay", "clip_norm", "schedule", "warmup_steps", "grad_accum"),
     "train": ("steps", "batch_size", "seq_len", "log_every", "eval_every"),
     "checkpoint": ("every", "keep"),
 }
+TRANSFORMER_REQUIRED = ("n_heads", "n_kv_heads")
 PROFILERS = ("none",)
 DTYPES = ("float32", "bfloat16")
 
@@ -70,7 +71,11 @@ def validate(config):
         missing = [k for k in keys if k not in node]
         if missing:
             raise ConfigError(f"Missing config key(s) {', '.join(f'{section}.{k}'.lstrip('.') for k in missing)}.")
-    MODELS.get(config.implementation.model)
+    build = MODELS.get(config.implementation.model)
+    is_transformer = config.implementation.model == "transformer"
+    missing = [k for k in TRANSFORMER_REQUIRED if is_transformer and k not in config.model]
+    if missing:
+        raise ConfigError(f"Missing config key(s) {', '.join('model.' + k for k in missing)}.")
     ATTENTIONS.get(config.implementation.attention)
     if config.implementation.profiler not in PROFILERS:
         raise ConfigError(
@@ -82,14 +87,18 @@ def validate(config):
         raise ConfigError(
             f"Unknown schedule {config.optim.schedule!r} in optim.schedule; choose one of: {', '.join(sorted(SCHEDULES))}."
         )
-    _positive(config, "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.vocab_size")
+    _positive(config, "model.dim", "model.n_layers", "model.vocab_size")
     _positive(config, "train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.eval_every")
     _positive(config, "optim.lr", "optim.grad_accum", "checkpoint.every", "checkpoint.keep")
     m = config.model
-    if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
-        raise ConfigError(f"model.dim={m.dim} must split into model.n_heads={m.n_heads} heads of even size (RoPE).")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
+    if is_transformer:
+        _positive(config, "model.n_heads", "model.n_kv_heads")
+        if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
+            raise ConfigError(f"model.dim={m.dim} must split into model.n_heads={m.n_heads} heads of even size (RoPE).")
+        if m.n_heads % m.n_kv_heads:
+            raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
+    else:
+        build(config)  # recurrent families check their own keys (model.scan, model.cell, ...)
     for key in ("model.param_dtype", "model.compute_dtype"):
         if _section(config, key) not in DTYPES:
             raise ConfigError(f"Unknown dtype {_section(config, key)!r} in {key}; choose one of: {', '.join(DTYPES)}.")

@@ -35,3 +35,13 @@ def test_clipping_bounds_the_first_adam_step_direction():
     updates, _ = tx.update(grads, tx.init(params), params)
     # Adam's first step is lr * sign(g) whatever the scale; clipping must keep it finite and signed.
     np.testing.assert_allclose(updates["w"]["kernel"][:2], [-0.1, 0.1], rtol=1e-4)
+
+
+def test_recurrent_dynamics_are_not_decayed():
+    from lmjax.train.optimizer import weight_decay_mask
+
+    params = {"mixer": {"A_log": 1.0, "D": 1.0, "dt_bias": 1.0, "in_x": {"kernel": 1.0}},
+              "recurrent": {"lambda": 1.0, "b_a": 1.0, "w_a": {"kernel": 1.0}}}
+    mask = weight_decay_mask(params)
+    assert mask == {"mixer": {"A_log": False, "D": False, "dt_bias": False, "in_x": {"kernel": True}},
+                    "recurrent": {"lambda": False, "b_a": False, "w_a": {"kernel": True}}}

@@ -5,6 +5,7 @@ A family registers `cache_spec(model_cfg, lanes, max_len, dtype)`: a pytree of `
 leaf by its logical axes like a parameter; the model's `__call__(..., cache=...)` takes and
 returns that pytree.
 
+Mamba and RNNs: their recurrent state (`MambaState`, `RNNState`), constant in size per lane.
 Transformer: `KVCache(k, v)`, each [layers, lanes, max_len, kv_heads, head_dim] (stacked like
 nn.scan). Slot j of a lane holds the token at position j of that lane's dialog, so a lane's
 length is the only bookkeeping the cache needs and it lives with the decoder's lane state.
@@ -14,6 +15,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lmjax.models.mamba import MambaConfig, MambaState
+from lmjax.models.rnn import RNNConfig, RNNState
 from lmjax.models.transformer import TransformerConfig
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
@@ -47,7 +50,26 @@ def _kv_cache_spec(cfg: TransformerConfig, lanes, max_len, dtype):
     return KVCache(leaf, leaf)
 
 
-CACHE_SPECS: dict[type, Callable] = {TransformerConfig: _kv_cache_spec}
+def _mamba_state_spec(cfg: MambaConfig, lanes, max_len, dtype):
+    """Constant size per lane, whatever max_len: the conv window and the SSM state (f32)."""
+    return MambaState(
+        conv=CacheLeaf((cfg.n_layers, lanes, cfg.d_conv - 1, cfg.d_inner), dtype, ("layers", "batch", "conv", "mlp")),
+        ssm=CacheLeaf((cfg.n_layers, lanes, cfg.d_inner, cfg.d_state), jnp.float32, ("layers", "batch", "mlp", "state")),
+    )
+
+
+def _rnn_state_spec(cfg: RNNConfig, lanes, max_len, dtype):
+    """Constant size per lane: the conv window and the hidden state (f32)."""
+    W = cfg.rnn_width
+    return RNNState(
+        conv=CacheLeaf((cfg.n_layers, lanes, max(cfg.d_conv - 1, 0), W), dtype, ("layers", "batch", "conv", "mlp")),
+        h=CacheLeaf((cfg.n_layers, lanes, W), jnp.float32, ("layers", "batch", "mlp")),
+    )
+
+
+CACHE_SPECS: dict[type, Callable] = {
+    TransformerConfig: _kv_cache_spec, MambaConfig: _mamba_state_spec, RNNConfig: _rnn_state_spec,
+}
 
 
 def cache_spec(model_cfg, lanes: int, max_len: int, dtype=None):

@@ -5,6 +5,7 @@ checkpoint holds params, optimizer state, step, PRNG key and the data iterator's
 SIGTERM (and Ctrl-C) saves a checkpoint at the current step before exiting.
 """
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -73,7 +74,10 @@ def train(config, workdir) -> dict:
     saved_config = workdir / "config.json"
     if saved_config.exists() and (workdir / "checkpoints").exists():
         check_resume_compatible(json.loads(saved_config.read_text()), config)
-    saved_config.write_text(to_json(config))
+    if jax.process_index() == 0:  # one writer; the rename keeps readers from seeing half a file
+        tmp = saved_config.with_name(".config.json.tmp")
+        tmp.write_text(to_json(config))
+        os.replace(tmp, saved_config)
     t = config.train
     should_stop = parse_stop_when(t.get("stop_when", ""))
     reached = None

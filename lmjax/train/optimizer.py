@@ -4,8 +4,9 @@ import optax
 
 from lmjax.train.schedules import make_schedule
 
-# Norm scales (and anything else 1-D before layer stacking) are not decayed; matrices are.
-NO_DECAY_PARAM_NAMES = ("scale", "bias")
+# Norm scales, biases and the recurrences' own dynamics (Mamba's A_log, D, dt_bias; Hawk's
+# lambda and gate biases) are not decayed: shrinking them changes time constants, not capacity.
+NO_DECAY_PARAM_NAMES = ("scale", "bias", "conv_bias", "dt_bias", "A_log", "D", "lambda", "b_a", "b_i")
 
 
 def weight_decay_mask(params):

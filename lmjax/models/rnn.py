@@ -1,0 +1,211 @@
+"""Linear recurrent networks: Hawk (RG-LRU, De et al. 2024), minGRU and minLSTM (Feng et al. 2024).
+
+Every cell is a linear recurrence in its state, `h_t = a_t * h_{t-1} + b_t`, with a_t, b_t
+computed from the input only, so training runs it as a parallel (associative) scan and
+generation as one step a token. Each layer is two pre-norm residual blocks, as in Hawk:
+
+  recurrent block: gate = gelu(W_gate x); u = W_in x; u = causal conv1d(u) (width d_conv, 0 =
+                   none); h = cell(u, x); out = W_out(h * gate)
+  MLP block:       W_down(gelu(W_gate x) * W_up x)  (GeGLU)
+
+Cells (state h: [B, width]):
+  hawk     r = sigmoid(W_a u + b_a), i = sigmoid(W_i u + b_i), a = sigmoid(lambda)^(c r) (c = 8),
+           h = a h + sqrt(1 - a^2) (i u)
+  mingru   z = sigmoid(W_z x), h = (1 - z) h + z u                  (u = W_in x is h~)
+  minlstm  f, i = sigmoid(W_f x), sigmoid(W_i x); f, i = f/(f+i), i/(f+i); h = f h + i u
+
+Simplified from the papers: Hawk's block-diagonal gate matrices are dense, and the
+sqrt(1 - a^2) normalisation is kept at segment starts (recurrentgemma drops it there); minGRU
+and minLSTM use the plain (not log-space) form and share Hawk's gated block and MLP.
+
+Packed rows: a = 0 where the segment id changes (state and conv window reset).
+
+Generation state (stacked on a leading layers axis), `RNNState`:
+  conv [n_layers, B, d_conv-1, width], h [n_layers, B, width] (f32).
+`model.init_state(batch)`; `model.apply(v, tokens_B, state, method="step")` -> (logits [B, V], state).
+"""
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.models.layers import Embedding, Projection, RMSNorm, init_for
+from lmjax.models.scans import LINEAR_SCANS, causal_conv, fresh_rows, linear_scan, lm_head, run_layers, segment_resets
+from lmjax.models.transformer import REMAT_POLICIES
+
+CELLS = ("hawk", "mingru", "minlstm")
+
+
+@dataclasses.dataclass(frozen=True)
+class RNNConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    cell: str = "hawk"  # hawk | mingru | minlstm
+    width: int = 0  # recurrence width; 0 = dim
+    d_conv: int = 4  # temporal conv width before the cell; 0 = none
+    mlp_hidden: int = 0  # 0 = 3 * dim (Hawk's GeGLU expansion)
+    hawk_c: float = 8.0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init: str = "normal"
+    remat: str = "none"
+    scan: str = "associative"  # sequential | associative | chunked
+    chunk_size: int = 64
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    scan_layers: bool = True
+
+    @property
+    def rnn_width(self):
+        return self.width or self.dim
+
+    @property
+    def hidden(self):
+        return self.mlp_hidden or 3 * self.dim
+
+
+class RNNState(NamedTuple):
+    conv: jax.Array  # [n_layers, B, d_conv-1, width]
+    h: jax.Array  # [n_layers, B, width], f32
+
+
+def init_state(cfg: RNNConfig, batch: int) -> RNNState:
+    W = cfg.rnn_width
+    return RNNState(
+        conv=jnp.zeros((cfg.n_layers, batch, max(cfg.d_conv - 1, 0), W), jnp.dtype(cfg.compute_dtype)),
+        h=jnp.zeros((cfg.n_layers, batch, W), jnp.float32),
+    )
+
+
+def _hawk_lambda_init(c):
+    """lambda such that a^c = sigmoid(lambda)^c is uniform in [0.9, 0.999] (Griffin)."""
+    def init(key, shape, dtype=jnp.float32):
+        a_c = jax.random.uniform(key, shape, jnp.float32, 0.9, 0.999)
+        a = a_c ** (1.0 / c)
+        return (jnp.log(a) - jnp.log1p(-a)).astype(dtype)
+
+    return init
+
+
+class RecurrentMixer(nn.Module):
+    cfg: RNNConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxE, reset_BxL, state, hold_BxL=None):
+        c = self.cfg
+        dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
+        B, W, K = x_BxLxE.shape[0], c.rnn_width, c.d_conv
+        init_in = init_for(c.init, c.dim, c.n_layers, "in")
+        proj = lambda n_in, axes, name, init=init_in: Projection((n_in,), (W,), axes, init, pdt, dt, name=name)
+        param = lambda name, init, shape, axes: self.param(name, nn.with_logical_partitioning(init, axes), shape, pdt)
+        gate = nn.gelu(proj(c.dim, ("embed", "mlp"), "w_gate")(x_BxLxE))
+        u = proj(c.dim, ("embed", "mlp"), "w_in")(x_BxLxE)
+        conv_window, h0 = state if state is not None else (jnp.zeros((B, max(K - 1, 0), W), dt), jnp.zeros((B, W), jnp.float32))
+        if K > 0:
+            conv_kernel = param("conv_kernel", nn.initializers.normal(K**-0.5), (K, W), ("conv", "mlp"))
+            conv_bias = param("conv_bias", nn.initializers.zeros, (W,), ("mlp",))
+            u, conv_window = causal_conv(u, conv_kernel, conv_bias, reset_BxL, conv_window, hold_BxL)
+        u = nn.with_logical_constraint(u, ("batch", "length", "mlp"))
+        u32 = u.astype(jnp.float32)
+
+        if c.cell == "hawk":
+            init_u = init_for(c.init, W, c.n_layers, "in")
+            r = jax.nn.sigmoid(proj(W, ("rnn_in", "mlp"), "w_a", init_u)(u).astype(jnp.float32)
+                               + param("b_a", nn.initializers.zeros, (W,), ("mlp",)))
+            i = jax.nn.sigmoid(proj(W, ("rnn_in", "mlp"), "w_i", init_u)(u).astype(jnp.float32)
+                               + param("b_i", nn.initializers.zeros, (W,), ("mlp",)))
+            lam = param("lambda", _hawk_lambda_init(c.hawk_c), (W,), ("mlp",)).astype(jnp.float32)
+            log_a = -c.hawk_c * r * jax.nn.softplus(-lam)  # log(sigmoid(lambda)^(c r))
+            a = jnp.exp(log_a)
+            b = jnp.sqrt(-jnp.expm1(2 * log_a)) * (i * u32)
+        elif c.cell == "mingru":
+            z = jax.nn.sigmoid(proj(c.dim, ("embed", "mlp"), "w_z")(x_BxLxE).astype(jnp.float32))
+            a, b = 1 - z, z * u32
+        elif c.cell == "minlstm":
+            f = jax.nn.sigmoid(proj(c.dim, ("embed", "mlp"), "w_f")(x_BxLxE).astype(jnp.float32))
+            i = jax.nn.sigmoid(proj(c.dim, ("embed", "mlp"), "w_i")(x_BxLxE).astype(jnp.float32))
+            a, b = f / (f + i), i / (f + i) * u32
+        else:
+            raise ValueError(f"Unknown cell {c.cell!r} in model.cell; choose one of: {', '.join(CELLS)}.")
+
+        h, h_last = linear_scan(a, b, h0, reset_BxL, c.scan, c.chunk_size, hold_BxL)
+        y = nn.with_logical_constraint(h.astype(dt) * gate, ("batch", "length", "mlp"))
+        out = Projection((W,), (c.dim,), ("mlp", "embed"), init_for(c.init, W, c.n_layers, "out"), pdt, dt, name="w_out")(y)
+        return out, (conv_window, h_last)
+
+
+class GatedMLP(nn.Module):
+    cfg: RNNConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxE):
+        c = self.cfg
+        dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
+        init_in = init_for(c.init, c.dim, c.n_layers, "in")
+        gate = Projection((c.dim,), (c.hidden,), ("embed", "mlp"), init_in, pdt, dt, name="w_gate")(x_BxLxE)
+        up = Projection((c.dim,), (c.hidden,), ("embed", "mlp"), init_in, pdt, dt, name="w_up")(x_BxLxE)
+        hidden = nn.with_logical_constraint(nn.gelu(gate) * up, ("batch", "length", "mlp"))
+        init_out = init_for(c.init, c.hidden, c.n_layers, "out")
+        return Projection((c.hidden,), (c.dim,), ("mlp", "embed"), init_out, pdt, dt, name="w_down")(hidden)
+
+
+class RNNBlock(nn.Module):
+    cfg: RNNConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxE, reset_BxL, state, hold_BxL=None):
+        c = self.cfg
+        dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
+        normed = RMSNorm(c.norm_eps, pdt, dt, name="recurrent_norm")(x_BxLxE)
+        mixed, new_state = RecurrentMixer(c, name="recurrent")(normed, reset_BxL, state, hold_BxL)
+        h = x_BxLxE + mixed
+        out = h + GatedMLP(c, name="mlp")(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
+        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return out, (None if state is None else RNNState(*new_state))
+
+
+class RNN(nn.Module):
+    cfg: RNNConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None,
+                 logits_at_B=None, state=None):
+        """Logits [B, L, V] in f32, the signature of `Transformer` (positions and prompt unused).
+        `state` (an RNNState): continue from it and return (logits, new state). `cache` (an
+        RNNState, the decoder's interface): as for Mamba, tokens with segment id 0 (at the end
+        of a row) are not written and a chunk starting at position 0 starts from zeros."""
+        c = self.cfg
+        dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
+        B, L = tokens_BxL.shape
+        hold_BxL = None
+        if cache is not None:
+            hold_BxL = segment_ids_BxL == 0
+            state = fresh_rows(RNNState(*cache), positions_BxL, hold_BxL)
+            reset_BxL = jnp.zeros((B, L), bool)
+        else:
+            reset_BxL = jnp.zeros((B, L), bool) if segment_ids_BxL is None else segment_resets(segment_ids_BxL)
+        embed = Embedding(c.vocab_size, c.dim, init_for(c.init, c.dim, c.n_layers, "embed"), pdt, dt, name="embed")
+        x = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
+        x, new_state = run_layers(
+            RNNBlock, c, x, reset_BxL, None if state is None else RNNState(*state), REMAT_POLICIES, hold_BxL
+        )
+        logits = lm_head(c, embed, x, logits_at_B, init_for)
+        return logits if state is None else (logits, RNNState(*new_state))
+
+    def init_state(self, batch: int) -> RNNState:
+        return init_state(self.cfg, batch)
+
+    def step(self, tokens_B, state):
+        """One token per row: (logits [B, V], the next state)."""
+        logits, state = self(tokens_B[:, None], state=state)
+        return logits[:, 0], state
+
+
+def check_config(cfg: RNNConfig):
+    if cfg.cell not in CELLS:
+        raise ValueError(f"Unknown cell {cfg.cell!r} in model.cell; choose one of: {', '.join(CELLS)}.")
+    if cfg.scan not in LINEAR_SCANS:
+        raise ValueError(f"Unknown scan {cfg.scan!r} in model.scan; choose one of: {', '.join(LINEAR_SCANS)}.")
