@@ -9,8 +9,11 @@ interpret mode, on a GPU compiled), then, on an accelerator, times every case: w
 of `--repeats`, both sides in the same process. A side that fails (out of memory, unsupported)
 prints its error in place of its time; `--time_budget_s` stops before a case would start late.
 
-Groups are entries of GROUPS: a name -> (check, cases, run_case). Add another kernel family
-(e.g. scans) as its own group without touching the attention one.
+Groups are entries of GROUPS: a name -> (check, cases, run_case).
+
+scans: Mamba's selective scan (lmjax.models.scans.selective_scan), forward + backward, with a
+packed-segment reset mid-row: sequential (lax.scan) vs chunked (associative scans in chunks of
+64) vs pallas (lmjax.kernels.ssm_scan), f32, D=1024 channels, N=16; speed-up over sequential.
 
 attention: forward + backward (grad of a scalar loss w.r.t. q, k, v) of causal / packed /
 prefix-LM attention at T = 2k, 4k, 8k tokens, B·T = 16k tokens, 16 query heads sharing 4 kv
@@ -162,10 +165,100 @@ def attention_run_case(case, args):
     return "  ".join(parts)
 
 
+# ----------------------------------------------------------------------------- scans
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanCase:
+    seq_len: int
+    batch: int
+    channels: int = 1024  # Mamba's inner width (expand x dim)
+    state: int = 16
+
+    def label(self):
+        return f"selective scan T={self.seq_len} B={self.batch} D={self.channels} N={self.state} f32"
+
+
+SCAN_METHODS = ("sequential", "chunked", "pallas")
+
+
+def scan_inputs(case, seed=0):
+    B, T, D, N = case.batch, case.seq_len, case.channels, case.state
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    x = jax.random.normal(keys[0], (B, T, D))
+    dt = jax.nn.softplus(jax.random.normal(keys[1], (B, T, D)) - 2.0)
+    A = -jnp.exp(jax.random.normal(keys[2], (D, N)) * 0.5)
+    Bm = jax.random.normal(keys[3], (B, T, N))
+    C = jax.random.normal(keys[4], (B, T, N))
+    reset = jnp.zeros((B, T), bool).at[:, T // 2].set(True)  # a packed boundary mid-row
+    return x, dt, A, Bm, C, reset
+
+
+def scan_fn(method, chunk=64):
+    from lmjax.models.scans import selective_scan
+
+    def run(x, dt, A, Bm, C, reset):
+        h0 = jnp.zeros((x.shape[0], x.shape[2], A.shape[1]), jnp.float32)
+        return selective_scan(x, dt, A, Bm, C, reset, h0, method, chunk)[0]
+
+    return run
+
+
+def scan_fwd_bwd(run):
+    def loss(x, dt, Bm, C, A, reset):
+        return jnp.sum(run(x, dt, A, Bm, C, reset) * jnp.cos(jnp.arange(x.shape[-1], dtype=jnp.float32)))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def scan_check(args):
+    """The three scans against each other (outputs and gradients) on a small shape."""
+    case = ScanCase(seq_len=48, batch=2, channels=16, state=4)
+    x, dt, A, Bm, C, reset = scan_inputs(case, seed=1)
+    ref_out = np.asarray(jax.jit(scan_fn("sequential"))(x, dt, A, Bm, C, reset))
+    ref_grads = [np.asarray(g) for g in scan_fwd_bwd(scan_fn("sequential"))(x, dt, Bm, C, A, reset)]
+    failures = []
+    for method in SCAN_METHODS[1:]:
+        out = np.asarray(jax.jit(scan_fn(method, chunk=16))(x, dt, A, Bm, C, reset))
+        grads = [np.asarray(g) for g in scan_fwd_bwd(scan_fn(method, chunk=16))(x, dt, Bm, C, A, reset)]
+        errors = [np.abs(out - ref_out).max() / max(1, np.abs(ref_out).max())]
+        errors += [np.abs(a - b).max() / max(1, np.abs(b).max()) for a, b in zip(grads, ref_grads)]
+        ok = max(errors) <= 1e-4
+        print(f"check {case.label()} {method} vs sequential: max rel err out/dx/ddt/dB/dC/dA "
+              f"{' '.join(f'{e:.1e}' for e in errors)} (tol 1e-04) {'ok' if ok else 'FAIL'}", flush=True)
+        if not ok:
+            failures.append(f"{case.label()} {method}")
+    return failures
+
+
+def scan_cases(args):
+    return [ScanCase(seq_len=T, batch=max(1, args.tokens_per_batch // T // 4)) for T in args.seq_lens]
+
+
+def scan_run_case(case, args):
+    inputs = scan_inputs(case)
+    x, dt, A, Bm, C, reset = inputs
+    times = {}
+    for method in SCAN_METHODS:
+        try:
+            times[method] = median_seconds(scan_fwd_bwd(scan_fn(method)), (x, dt, Bm, C, A, reset), args.repeats)
+        except Exception as e:  # an OOM or an unsupported configuration must not end the run
+            times[method] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    parts = [case.label(), "fwd+bwd:"]
+    for name, t in times.items():
+        parts.append(f"{name} {t * 1e3:.2f} ms" if isinstance(t, float) else f"{name} [{t}]")
+    for name in ("chunked", "pallas"):
+        if isinstance(times.get(name), float) and isinstance(times.get("sequential"), float):
+            parts.append(f"sequential/{name} {times['sequential'] / times[name]:.2f}x")
+    parts.append(f"[{jax.devices()[0].device_kind}]")
+    return "  ".join(parts)
+
+
 # ----------------------------------------------------------------------------- driver
 
 GROUPS = {
     "attention": (attention_check, attention_cases, attention_run_case),
+    "scans": (scan_check, scan_cases, scan_run_case),
 }
 
 
