@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models.layers import Embedding, Projection, RMSNorm, init_for
-from lmjax.models.scans import SSM_SCANS, causal_conv, fresh_rows, lm_head, run_layers, segment_resets, selective_scan
+from lmjax.models.layers import Projection, RMSNorm, init_for
+from lmjax.models.scans import SSM_SCANS, causal_conv, recurrent_lm, selective_scan
 from lmjax.models.transformer import REMAT_POLICIES
 
 
@@ -156,23 +156,8 @@ class Mamba(nn.Module):
         `cache` (a MambaState, the decoder's interface, see lmjax.generate.cache): each row is a
         chunk of one sequence; tokens with segment id 0 (always at the end of a row) are not
         written, and a row whose chunk starts at position 0 starts from a zero state."""
-        c = self.cfg
-        dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
-        B, L = tokens_BxL.shape
-        hold_BxL = None
-        if cache is not None:
-            hold_BxL = segment_ids_BxL == 0
-            state = fresh_rows(MambaState(*cache), positions_BxL, hold_BxL)
-            reset_BxL = jnp.zeros((B, L), bool)
-        else:
-            reset_BxL = jnp.zeros((B, L), bool) if segment_ids_BxL is None else segment_resets(segment_ids_BxL)
-        embed = Embedding(c.vocab_size, c.dim, init_for(c.init, c.dim, c.n_layers, "embed"), pdt, dt, name="embed")
-        x = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
-        x, new_state = run_layers(
-            MambaBlock, c, x, reset_BxL, None if state is None else MambaState(*state), REMAT_POLICIES, hold_BxL
-        )
-        logits = lm_head(c, embed, x, logits_at_B, init_for)
-        return logits if state is None else (logits, MambaState(*new_state))
+        return recurrent_lm(self.cfg, MambaBlock, MambaState, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B,
+                            state, REMAT_POLICIES)
 
     def init_state(self, batch: int) -> MambaState:
         return init_state(self.cfg, batch)

@@ -31,8 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models.layers import Embedding, Projection, RMSNorm, init_for
-from lmjax.models.scans import LINEAR_SCANS, causal_conv, fresh_rows, linear_scan, lm_head, run_layers, segment_resets
+from lmjax.models.layers import Projection, RMSNorm, init_for
+from lmjax.models.scans import LINEAR_SCANS, causal_conv, linear_scan, recurrent_lm
 from lmjax.models.transformer import REMAT_POLICIES
 
 CELLS = ("hawk", "mingru", "minlstm")
@@ -177,23 +177,8 @@ class RNN(nn.Module):
         `state` (an RNNState): continue from it and return (logits, new state). `cache` (an
         RNNState, the decoder's interface): as for Mamba, tokens with segment id 0 (at the end
         of a row) are not written and a chunk starting at position 0 starts from zeros."""
-        c = self.cfg
-        dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
-        B, L = tokens_BxL.shape
-        hold_BxL = None
-        if cache is not None:
-            hold_BxL = segment_ids_BxL == 0
-            state = fresh_rows(RNNState(*cache), positions_BxL, hold_BxL)
-            reset_BxL = jnp.zeros((B, L), bool)
-        else:
-            reset_BxL = jnp.zeros((B, L), bool) if segment_ids_BxL is None else segment_resets(segment_ids_BxL)
-        embed = Embedding(c.vocab_size, c.dim, init_for(c.init, c.dim, c.n_layers, "embed"), pdt, dt, name="embed")
-        x = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
-        x, new_state = run_layers(
-            RNNBlock, c, x, reset_BxL, None if state is None else RNNState(*state), REMAT_POLICIES, hold_BxL
-        )
-        logits = lm_head(c, embed, x, logits_at_B, init_for)
-        return logits if state is None else (logits, RNNState(*new_state))
+        return recurrent_lm(self.cfg, RNNBlock, RNNState, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B,
+                            state, REMAT_POLICIES)
 
     def init_state(self, batch: int) -> RNNState:
         return init_state(self.cfg, batch)

@@ -209,3 +209,31 @@ def lm_head(cfg, embed, x_BxLxE, logits_at_B, init_for):
         logits = Projection((cfg.dim,), (cfg.vocab_size,), ("embed", "vocab"), head_init, pdt, dt, name="lm_head")(x_BxLxE)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     return logits[:, 0] if logits_at_B is not None else logits
+
+
+def recurrent_lm(cfg, block_cls, state_cls, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B, state,
+                 remat_policies):
+    """The language model around a family's recurrent blocks (called from its compact `__call__`):
+    embedding, the layers, final norm and head. Training: `segment_ids` reset the state at packed
+    boundaries. `state`: continue from it, return (logits, new state). `cache` (the decoder's
+    interface): rows are chunks of one sequence each; tokens with segment id 0 (at the end of a
+    row) are not written, and a chunk written at position 0 starts from a zero state."""
+    import flax.linen as nn
+
+    from lmjax.models.layers import Embedding, init_for
+
+    dt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+    B, L = tokens_BxL.shape
+    hold_BxL = None
+    reset_BxL = jnp.zeros((B, L), bool)
+    if cache is not None:
+        hold_BxL = segment_ids_BxL == 0
+        state = fresh_rows(state_cls(*cache), positions_BxL, hold_BxL)
+    elif segment_ids_BxL is not None:
+        reset_BxL = segment_resets(segment_ids_BxL)
+    embed = Embedding(cfg.vocab_size, cfg.dim, init_for(cfg.init, cfg.dim, cfg.n_layers, "embed"), pdt, dt, name="embed")
+    x = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
+    layer_state = None if state is None else state_cls(*state)
+    x, new_state = run_layers(block_cls, cfg, x, reset_BxL, layer_state, remat_policies, hold_BxL)
+    logits = lm_head(cfg, embed, x, logits_at_B, init_for)
+    return logits if state is None else (logits, state_cls(*new_state))
