@@ -15,8 +15,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_facts_config  # noqa: E402
+from test_decoder import decode_all  # noqa: E402
 
-from lmjax.generate.decoder import Decoder, LaneRequests  # noqa: E402
+from lmjax.generate.decoder import Decoder  # noqa: E402
 from lmjax.models import build_model  # noqa: E402
 from lmjax.parallel.layout import Layout  # noqa: E402
 from lmjax.train.checkpoint import Checkpointer  # noqa: E402
@@ -91,20 +92,6 @@ def init_memory(root, mesh):
     return [full, memory.output_size_in_bytes, memory.temp_size_in_bytes]
 
 
-def greedy_tokens(decoder, params, prompts, n_new):
-    """Prefill every prompt in its own lane, then decode greedily n_new tokens per lane."""
-    requests = LaneRequests.empty(decoder.lanes).replace(max_new=np.full(decoder.lanes, n_new, np.int32))
-    chunks = list(prompts) + [[]] * (decoder.lanes - len(prompts))
-    state, first = decoder.prefill(params, decoder.init_state(), chunks, np.zeros(decoder.lanes, np.int32), requests,
-                                   reset=[True] * decoder.lanes)
-    out = [[int(first[b])] for b in range(len(prompts))]
-    while np.asarray(state.active).any():
-        state, tokens, counts = decoder.decode(params, state, requests)
-        for b in range(len(prompts)):
-            out[b] += tokens[b, : counts[b]].tolist()
-    return out
-
-
 def generations(root, layouts):
     """Greedy tokens of one random model (no stop tokens: every lane runs its full length)."""
     cfg = config(root, **{"model.init": "fan_in"})
@@ -116,7 +103,7 @@ def generations(root, layouts):
     for name, layout in layouts.items():
         placed = jax.device_put(params, param_shardings(model, cfg.train.seq_len, layout))
         decoder = Decoder(model, lanes=8, max_len=96, chunk=8, layout=layout)
-        out[name] = greedy_tokens(decoder, placed, prompts, n_new=40)
+        out[name] = decode_all(decoder, placed, prompts, n_new=40)
         out[f"{name}-cache-shard"] = list(decoder.init_state().cache.k.addressable_shards[0].data.shape)
     return out
 

@@ -15,17 +15,14 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lmjax.models.mamba import MambaConfig, MambaState
-from lmjax.models.rnn import RNNConfig, RNNState
+from lmjax.models import mamba, rnn
+from lmjax.models.mamba import MambaConfig
+from lmjax.models.rnn import RNNConfig
+from lmjax.models.scans import StateLeaf as CacheLeaf
+from lmjax.models.scans import zeros_of
 from lmjax.models.transformer import TransformerConfig
 
 CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
-
-
-class CacheLeaf(NamedTuple):
-    shape: tuple
-    dtype: jnp.dtype
-    axes: tuple  # logical axis names, one per dimension
 
 
 class KVCache(NamedTuple):
@@ -50,25 +47,11 @@ def _kv_cache_spec(cfg: TransformerConfig, lanes, max_len, dtype):
     return KVCache(leaf, leaf)
 
 
-def _mamba_state_spec(cfg: MambaConfig, lanes, max_len, dtype):
-    """Constant size per lane, whatever max_len: the conv window and the SSM state (f32)."""
-    return MambaState(
-        conv=CacheLeaf((cfg.n_layers, lanes, cfg.d_conv - 1, cfg.d_inner), dtype, ("layers", "batch", "conv", "mlp")),
-        ssm=CacheLeaf((cfg.n_layers, lanes, cfg.d_inner, cfg.d_state), jnp.float32, ("layers", "batch", "mlp", "state")),
-    )
-
-
-def _rnn_state_spec(cfg: RNNConfig, lanes, max_len, dtype):
-    """Constant size per lane: the conv window and the hidden state (f32)."""
-    W = cfg.rnn_width
-    return RNNState(
-        conv=CacheLeaf((cfg.n_layers, lanes, max(cfg.d_conv - 1, 0), W), dtype, ("layers", "batch", "conv", "mlp")),
-        h=CacheLeaf((cfg.n_layers, lanes, W), jnp.float32, ("layers", "batch", "mlp")),
-    )
-
-
 CACHE_SPECS: dict[type, Callable] = {
-    TransformerConfig: _kv_cache_spec, MambaConfig: _mamba_state_spec, RNNConfig: _rnn_state_spec,
+    TransformerConfig: _kv_cache_spec,
+    # Recurrent families: their state, whatever max_len (constant size per lane).
+    MambaConfig: lambda cfg, lanes, max_len, dtype: mamba.state_spec(cfg, lanes, dtype),
+    RNNConfig: lambda cfg, lanes, max_len, dtype: rnn.state_spec(cfg, lanes, dtype),
 }
 
 
@@ -86,6 +69,4 @@ def is_leaf(x) -> bool:
 
 def init_cache(model_cfg, lanes: int, max_len: int, dtype=None):
     """Zeros in the shape of the family's cache."""
-    return jax.tree_util.tree_map(
-        lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), cache_spec(model_cfg, lanes, max_len, dtype), is_leaf=is_leaf
-    )
+    return zeros_of(cache_spec(model_cfg, lanes, max_len, dtype))

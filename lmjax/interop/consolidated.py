@@ -87,43 +87,6 @@ def check_output_dir(out_dir, overwrite: bool):
         raise ValueError(f"{str(out_dir / MODEL_FILE)!r} already exists; pass --overwrite to replace it, or pick another --out.")
 
 
-def read_run_config(workdir):
-    from ml_collections import config_dict
-
-    workdir = Path(workdir)
-    if not (workdir / "config.json").is_file():
-        raise ValueError(f"{str(workdir)!r} has no config.json; point --workdir at a training run folder.")
-    return config_dict.ConfigDict(json.loads((workdir / "config.json").read_text()))
-
-
-def restore_params(workdir, step=None):
-    """(config, model, params, step) of a run at checkpoint `step` (default: the latest)."""
-    from lmjax.models import build_model
-    from lmjax.train.checkpoint import Checkpointer
-    from lmjax.train.optimizer import make_optimizer
-    from lmjax.train.state import abstract_train_state, init_state_fn
-
-    workdir = Path(workdir)
-    config = read_run_config(workdir)
-    if not (workdir / "checkpoints").is_dir():
-        raise ValueError(f"{str(workdir)!r} has no checkpoint yet; train first (python -m lmjax.main ...).")
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
-    try:
-        steps = sorted(checkpointer.manager.all_steps())
-        if not steps:
-            raise ValueError(f"{str(workdir)!r} has no checkpoint yet; train first (python -m lmjax.main ...).")
-        if step is not None and step not in steps:
-            raise ValueError(f"No checkpoint at step {step} in {str(workdir)!r}; saved steps: {', '.join(map(str, steps))}.")
-        step = steps[-1] if step is None else step
-        model = build_model(config)
-        tx, _ = make_optimizer(config.optim, config.train.steps)
-        abstract = abstract_train_state(init_state_fn(model, tx, config.train.seq_len), config.seed)
-        state, _ = checkpointer.restore(abstract, step, data=False)
-    finally:
-        checkpointer.close()
-    return config, model, state.params, step
-
-
 def tokenizer_info(config) -> dict:
     kind = config.data.get("tokenizer", None) or DATASET_TOKENIZERS.get(config.data.name, "unknown")
     info = {"kind": kind}
@@ -137,6 +100,8 @@ def tokenizer_info(config) -> dict:
 def export_run(workdir, out_dir, step=None, *, overwrite: bool = False) -> Path:
     """Export checkpoint `step` (default: latest) of the run in `workdir` to `out_dir`; return `out_dir`."""
     check_output_dir(out_dir, overwrite)  # before the restore, so a refusal costs nothing
+    from lmjax.train.restore import restore_params
+
     config, model, params, step = restore_params(workdir, step)
     meta = {
         "implementation": {"model": config.implementation.model},

@@ -59,6 +59,28 @@ class Projection(nn.Module):
         return (x_2d @ kernel_2d).reshape(lead + tuple(self.out_shape))
 
 
+class GatedMLP(nn.Module):
+    """`w_down(activation(w_gate x) * w_up x)`: SwiGLU (Llama) or GeGLU (Hawk) by `activation`."""
+
+    dim: int
+    hidden: int
+    n_layers: int
+    init_scheme: str
+    activation: Callable = nn.silu
+    param_dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxLxE):
+        pdt, dt = self.param_dtype, self.dtype
+        init_in = init_for(self.init_scheme, self.dim, self.n_layers, "in")
+        gate = Projection((self.dim,), (self.hidden,), ("embed", "mlp"), init_in, pdt, dt, name="w_gate")(x_BxLxE)
+        up = Projection((self.dim,), (self.hidden,), ("embed", "mlp"), init_in, pdt, dt, name="w_up")(x_BxLxE)
+        hidden = nn.with_logical_constraint(self.activation(gate) * up, ("batch", "length", "mlp"))
+        init_out = init_for(self.init_scheme, self.hidden, self.n_layers, "out")
+        return Projection((self.hidden,), (self.dim,), ("mlp", "embed"), init_out, pdt, dt, name="w_down")(hidden)
+
+
 class RMSNorm(nn.Module):
     eps: float = 1e-5
     param_dtype: jnp.dtype = jnp.float32

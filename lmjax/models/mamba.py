@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.models.layers import Projection, RMSNorm, init_for
-from lmjax.models.scans import SSM_SCANS, causal_conv, recurrent_lm, selective_scan
-from lmjax.models.transformer import REMAT_POLICIES
+from lmjax.models.scans import SSM_SCANS, RecurrentLM, StateLeaf, causal_conv, selective_scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +63,12 @@ class MambaState(NamedTuple):
     ssm: jax.Array  # [n_layers, B, d_inner, d_state], f32
 
 
-def init_state(cfg: MambaConfig, batch: int) -> MambaState:
-    dt = jnp.dtype(cfg.compute_dtype)
+def state_spec(cfg: MambaConfig, batch: int, dtype=None) -> MambaState:
+    """Constant size per row: the conv window (compute dtype) and the SSM state (f32)."""
+    dtype = jnp.dtype(dtype or cfg.compute_dtype)
     return MambaState(
-        conv=jnp.zeros((cfg.n_layers, batch, cfg.d_conv - 1, cfg.d_inner), dt),
-        ssm=jnp.zeros((cfg.n_layers, batch, cfg.d_inner, cfg.d_state), jnp.float32),
+        conv=StateLeaf((cfg.n_layers, batch, cfg.d_conv - 1, cfg.d_inner), dtype, ("layers", "batch", "conv", "mlp")),
+        ssm=StateLeaf((cfg.n_layers, batch, cfg.d_inner, cfg.d_state), jnp.float32, ("layers", "batch", "mlp", "state")),
     )
 
 
@@ -142,30 +142,11 @@ class MambaBlock(nn.Module):
         return out, (None if state is None else MambaState(*new_state))
 
 
-class Mamba(nn.Module):
+class Mamba(RecurrentLM):
     cfg: MambaConfig
-
-    @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None,
-                 logits_at_B=None, state=None):
-        """Logits [B, L, V] in f32, the signature of `Transformer`. `segment_ids_BxL`: packed
-        sequences (the recurrence restarts where the id changes); positions and prompt are not
-        used (order is the recurrence's own). `state` (a MambaState): continue from it and return
-        (logits, new state) — prefill from `init_state`, or a chunk of decoding.
-
-        `cache` (a MambaState, the decoder's interface, see lmjax.generate.cache): each row is a
-        chunk of one sequence; tokens with segment id 0 (always at the end of a row) are not
-        written, and a row whose chunk starts at position 0 starts from a zero state."""
-        return recurrent_lm(self.cfg, MambaBlock, MambaState, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B,
-                            state, REMAT_POLICIES)
-
-    def init_state(self, batch: int) -> MambaState:
-        return init_state(self.cfg, batch)
-
-    def step(self, tokens_B, state):
-        """One token per row: (logits [B, V], the next state)."""
-        logits, state = self(tokens_B[:, None], state=state)
-        return logits[:, 0], state
+    block = MambaBlock
+    state_type = MambaState
+    state_spec = staticmethod(state_spec)
 
 
 def check_config(cfg: MambaConfig):

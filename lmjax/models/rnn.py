@@ -31,9 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models.layers import Projection, RMSNorm, init_for
-from lmjax.models.scans import LINEAR_SCANS, causal_conv, linear_scan, recurrent_lm
-from lmjax.models.transformer import REMAT_POLICIES
+from lmjax.models.layers import GatedMLP, Projection, RMSNorm, init_for
+from lmjax.models.scans import LINEAR_SCANS, RecurrentLM, StateLeaf, causal_conv, linear_scan
 
 CELLS = ("hawk", "mingru", "minlstm")
 
@@ -72,11 +71,12 @@ class RNNState(NamedTuple):
     h: jax.Array  # [n_layers, B, width], f32
 
 
-def init_state(cfg: RNNConfig, batch: int) -> RNNState:
-    W = cfg.rnn_width
+def state_spec(cfg: RNNConfig, batch: int, dtype=None) -> RNNState:
+    """Constant size per row: the conv window (compute dtype) and the hidden state (f32)."""
+    W, dtype = cfg.rnn_width, jnp.dtype(dtype or cfg.compute_dtype)
     return RNNState(
-        conv=jnp.zeros((cfg.n_layers, batch, max(cfg.d_conv - 1, 0), W), jnp.dtype(cfg.compute_dtype)),
-        h=jnp.zeros((cfg.n_layers, batch, W), jnp.float32),
+        conv=StateLeaf((cfg.n_layers, batch, max(cfg.d_conv - 1, 0), W), dtype, ("layers", "batch", "conv", "mlp")),
+        h=StateLeaf((cfg.n_layers, batch, W), jnp.float32, ("layers", "batch", "mlp")),
     )
 
 
@@ -137,21 +137,6 @@ class RecurrentMixer(nn.Module):
         return out, (conv_window, h_last)
 
 
-class GatedMLP(nn.Module):
-    cfg: RNNConfig
-
-    @nn.compact
-    def __call__(self, x_BxLxE):
-        c = self.cfg
-        dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
-        init_in = init_for(c.init, c.dim, c.n_layers, "in")
-        gate = Projection((c.dim,), (c.hidden,), ("embed", "mlp"), init_in, pdt, dt, name="w_gate")(x_BxLxE)
-        up = Projection((c.dim,), (c.hidden,), ("embed", "mlp"), init_in, pdt, dt, name="w_up")(x_BxLxE)
-        hidden = nn.with_logical_constraint(nn.gelu(gate) * up, ("batch", "length", "mlp"))
-        init_out = init_for(c.init, c.hidden, c.n_layers, "out")
-        return Projection((c.hidden,), (c.dim,), ("mlp", "embed"), init_out, pdt, dt, name="w_down")(hidden)
-
-
 class RNNBlock(nn.Module):
     cfg: RNNConfig
 
@@ -162,31 +147,17 @@ class RNNBlock(nn.Module):
         normed = RMSNorm(c.norm_eps, pdt, dt, name="recurrent_norm")(x_BxLxE)
         mixed, new_state = RecurrentMixer(c, name="recurrent")(normed, reset_BxL, state, hold_BxL)
         h = x_BxLxE + mixed
-        out = h + GatedMLP(c, name="mlp")(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
+        mlp = GatedMLP(c.dim, c.hidden, c.n_layers, c.init, nn.gelu, pdt, dt, name="mlp")  # GeGLU, as Hawk
+        out = h + mlp(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
         return out, (None if state is None else RNNState(*new_state))
 
 
-class RNN(nn.Module):
+class RNN(RecurrentLM):
     cfg: RNNConfig
-
-    @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None,
-                 logits_at_B=None, state=None):
-        """Logits [B, L, V] in f32, the signature of `Transformer` (positions and prompt unused).
-        `state` (an RNNState): continue from it and return (logits, new state). `cache` (an
-        RNNState, the decoder's interface): as for Mamba, tokens with segment id 0 (at the end
-        of a row) are not written and a chunk starting at position 0 starts from zeros."""
-        return recurrent_lm(self.cfg, RNNBlock, RNNState, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B,
-                            state, REMAT_POLICIES)
-
-    def init_state(self, batch: int) -> RNNState:
-        return init_state(self.cfg, batch)
-
-    def step(self, tokens_B, state):
-        """One token per row: (logits [B, V], the next state)."""
-        logits, state = self(tokens_B[:, None], state=state)
-        return logits[:, 0], state
+    block = RNNBlock
+    state_type = RNNState
+    state_spec = staticmethod(state_spec)
 
 
 def check_config(cfg: RNNConfig):

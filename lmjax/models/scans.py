@@ -9,8 +9,13 @@ state `h0`. Packed sequences reset the state where a new segment starts: `a_t = 
 - `chunked`: `associative_scan` within chunks of `chunk_size`, a `lax.scan` carrying the state
   from chunk to chunk (O(L/T + log T) depth, memory of one chunk at a time).
 """
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from lmjax.models.transformer import REMAT_POLICIES
 
 LINEAR_SCANS = ("sequential", "associative", "chunked")
 
@@ -149,17 +154,15 @@ def selective_scan(x_BxLxD, dt_BxLxD, A_DxN, B_BxLxN, C_BxLxN, reset_BxL, h0_BxD
 # Called from inside a model's compact `__call__`, so the submodules they create belong to it.
 
 
-def run_layers(block_cls, cfg, x_BxLxE, reset_BxL, state, remat_policies, hold_BxL=None):
+def run_layers(block_cls, cfg, x_BxLxE, reset_BxL, state, hold_BxL=None):
     """Apply `cfg.n_layers` blocks `block_cls(cfg)(x, reset, layer_state, hold) -> (x, layer_state)`.
 
     `state`: a pytree of per-layer states stacked on a leading layers axis, or None (training:
     each layer starts from zeros and no state is returned). `hold_BxL`: tokens that leave the
     state as it is (generation). Returns (x, new stacked state)."""
-    import flax.linen as nn
-
     block = block_cls
-    if remat_policies[cfg.remat] is not None or cfg.remat == "full":
-        block = nn.remat(block_cls, policy=remat_policies[cfg.remat], prevent_cse=False)
+    if REMAT_POLICIES[cfg.remat] is not None or cfg.remat == "full":
+        block = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     if not cfg.scan_layers:
         new_states = []
         for i in range(cfg.n_layers):
@@ -193,8 +196,6 @@ def fresh_rows(state, positions_BxL, hold_BxL):
 def lm_head(cfg, embed, x_BxLxE, logits_at_B, init_for):
     """Final RMSNorm and output head (tied or not); logits in f32, [B, L, V] or [B, V] at
     `logits_at_B`."""
-    import flax.linen as nn
-
     from lmjax.models.layers import Projection, RMSNorm
 
     dt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
@@ -211,15 +212,12 @@ def lm_head(cfg, embed, x_BxLxE, logits_at_B, init_for):
     return logits[:, 0] if logits_at_B is not None else logits
 
 
-def recurrent_lm(cfg, block_cls, state_cls, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B, state,
-                 remat_policies):
+def recurrent_lm(cfg, block_cls, state_cls, tokens_BxL, positions_BxL, segment_ids_BxL, cache, logits_at_B, state):
     """The language model around a family's recurrent blocks (called from its compact `__call__`):
     embedding, the layers, final norm and head. Training: `segment_ids` reset the state at packed
     boundaries. `state`: continue from it, return (logits, new state). `cache` (the decoder's
     interface): rows are chunks of one sequence each; tokens with segment id 0 (at the end of a
     row) are not written, and a chunk written at position 0 starts from a zero state."""
-    import flax.linen as nn
-
     from lmjax.models.layers import Embedding, init_for
 
     dt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
@@ -234,6 +232,49 @@ def recurrent_lm(cfg, block_cls, state_cls, tokens_BxL, positions_BxL, segment_i
     embed = Embedding(cfg.vocab_size, cfg.dim, init_for(cfg.init, cfg.dim, cfg.n_layers, "embed"), pdt, dt, name="embed")
     x = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
     layer_state = None if state is None else state_cls(*state)
-    x, new_state = run_layers(block_cls, cfg, x, reset_BxL, layer_state, remat_policies, hold_BxL)
+    x, new_state = run_layers(block_cls, cfg, x, reset_BxL, layer_state, hold_BxL)
     logits = lm_head(cfg, embed, x, logits_at_B, init_for)
     return logits if state is None else (logits, state_cls(*new_state))
+
+
+class StateLeaf(NamedTuple):
+    """One array of a recurrent state (or a generation cache): shape, dtype, logical axes."""
+
+    shape: tuple
+    dtype: Any
+    axes: tuple
+
+
+def zeros_of(spec):
+    return jax.tree_util.tree_map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), spec,
+                                  is_leaf=lambda x: isinstance(x, StateLeaf))
+
+
+class RecurrentLM(nn.Module):
+    """A recurrent language model: a family sets `cfg`, its `block` class, its `state_type`
+    (a NamedTuple stacked over layers) and `state_spec(cfg, batch, dtype=None)`."""
+
+    block: ClassVar[type]
+    state_type: ClassVar[type]
+    state_spec: ClassVar[Any]
+
+    @nn.compact
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None,
+                 logits_at_B=None, state=None):
+        """Logits [B, L, V] in f32, the signature of `Transformer`. `segment_ids_BxL`: packed
+        sequences (the recurrence restarts where the id changes); positions and prompt are not
+        used (order is the recurrence's own). `state`: continue from it and return (logits, new
+        state) — prefill from `init_state`, or a chunk of decoding. `cache` (the decoder's
+        interface, see lmjax.generate.cache): each row is a chunk of one sequence; tokens with
+        segment id 0 (always at the end of a row) are not written, and a row whose chunk starts
+        at position 0 starts from a zero state."""
+        return recurrent_lm(self.cfg, self.block, self.state_type, tokens_BxL, positions_BxL, segment_ids_BxL, cache,
+                            logits_at_B, state)
+
+    def init_state(self, batch: int):
+        return zeros_of(type(self).state_spec(self.cfg, batch))
+
+    def step(self, tokens_B, state):
+        """One token per row: (logits [B, V], the next state)."""
+        logits, state = self(tokens_B[:, None], state=state)
+        return logits[:, 0], state

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.models.attention import Attention, AttentionMask
-from lmjax.models.layers import Embedding, Projection, RMSNorm, init_for, rope_angles
+from lmjax.models.layers import Embedding, GatedMLP, Projection, RMSNorm, init_for, rope_angles
 
 REMAT_POLICIES = {
     "none": None,
@@ -41,21 +41,6 @@ def _same_kind(cache, k, v):
     return type(cache)(k, v) if hasattr(cache, "_fields") else (k, v)
 
 
-class MLP(nn.Module):
-    cfg: TransformerConfig
-
-    @nn.compact
-    def __call__(self, x_BxLxE):
-        c = self.cfg
-        dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
-        init_in = init_for(c.init, c.dim, c.n_layers, "in")
-        gate = Projection((c.dim,), (c.mlp_hidden,), ("embed", "mlp"), init_in, pdt, dt, name="w_gate")(x_BxLxE)
-        up = Projection((c.dim,), (c.mlp_hidden,), ("embed", "mlp"), init_in, pdt, dt, name="w_up")(x_BxLxE)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        init_out = init_for(c.init, c.mlp_hidden, c.n_layers, "out")
-        return Projection((c.mlp_hidden,), (c.dim,), ("mlp", "embed"), init_out, pdt, dt, name="w_down")(hidden)
-
-
 class Block(nn.Module):
     cfg: TransformerConfig
 
@@ -72,7 +57,8 @@ class Block(nn.Module):
         if layer_cache is not None:
             attended, (k_all, v_all) = attended
         h = x_BxLxE + attended
-        out = h + MLP(c, name="mlp")(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
+        mlp = GatedMLP(c.dim, c.mlp_hidden, c.n_layers, c.init, nn.silu, pdt, dt, name="mlp")
+        out = h + mlp(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
         if layer_cache is None:
             return out, None
