@@ -78,10 +78,6 @@ class Layout:
 
     # -- host data -> global arrays -----------------------------------------------------------
 
-    def put_replicated(self, tree):
-        """Host values every process holds in full -> arrays replicated on the mesh."""
-        return jax.tree_util.tree_map(lambda x: _from_global(np.asarray(x), self.replicated), tree)
-
     def put_rows(self, tree):
         """Host arrays every process holds in full -> arrays split by rows over `data`."""
         return jax.tree_util.tree_map(lambda x: _from_global(np.asarray(x), self.rows()), tree)
