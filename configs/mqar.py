@@ -42,7 +42,12 @@ def get_config():
         stop_when="eval/mqar_acc>=0.99",
     )
     c.eval = dict(batch_size=250)
-    c.logging = dict(tensorboard=True, progress_bar=True, wandb=dict(mode="disabled", project="lmjax", entity="", name=""))
+    # count_flops: perf/flops_per_step (compiled + analytic) and perf/mfu. probes_every: probe/...
+    # metrics every N steps (0 = off). profile_start/stop: the steps implementation.profiler=trace records.
+    c.logging = dict(
+        tensorboard=True, progress_bar=True, wandb=dict(mode="disabled", project="lmjax", entity="", name=""),
+        count_flops=True, probes_every=0, profile_start=10, profile_stop=15,
+    )
     # Devices: parallel.data x parallel.model (-1 = the rest); fsdp also splits parameters and
     # optimizer state over `data`. distributed: multi-host start (empty = environment / single).
     c.parallel = dict(

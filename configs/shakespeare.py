@@ -21,7 +21,12 @@ def get_config():
     )
     c.train = dict(steps=600, batch_size=32, seq_len=128, log_every=25, eval_every=100, stop_when="")
     c.eval = dict(batch_size=64, max_batches=8)
-    c.logging = dict(tensorboard=True, progress_bar=True, wandb=dict(mode="disabled", project="lmjax", entity="", name=""))
+    # count_flops: perf/flops_per_step (compiled + analytic) and perf/mfu. probes_every: probe/...
+    # metrics every N steps (0 = off). profile_start/stop: the steps implementation.profiler=trace records.
+    c.logging = dict(
+        tensorboard=True, progress_bar=True, wandb=dict(mode="disabled", project="lmjax", entity="", name=""),
+        count_flops=True, probes_every=0, profile_start=10, profile_stop=15,
+    )
     # Devices: parallel.data x parallel.model (-1 = the rest); fsdp also splits parameters and
     # optimizer state over `data`. distributed: multi-host start (empty = environment / single).
     c.parallel = dict(

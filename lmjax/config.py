@@ -21,7 +21,6 @@ REQUIRED = {
     "checkpoint": ("every", "keep"),
 }
 TRANSFORMER_REQUIRED = ("n_heads", "n_kv_heads")
-PROFILERS = ("none",)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -61,6 +60,7 @@ def validate(config):
     from lmjax.data.datasets import DATASETS
     from lmjax.models import ATTENTIONS, MODELS
     from lmjax.models.transformer import REMAT_POLICIES
+    from lmjax.monitor.profiler import PROFILERS
     from lmjax.train.schedules import SCHEDULES
 
     for section, keys in REQUIRED.items():
@@ -77,11 +77,8 @@ def validate(config):
     if missing:
         raise ConfigError(f"Missing config key(s) {', '.join('model.' + k for k in missing)}.")
     ATTENTIONS.get(config.implementation.attention)
-    if config.implementation.profiler not in PROFILERS:
-        raise ConfigError(
-            f"Unknown profiler {config.implementation.profiler!r} in implementation.profiler; "
-            f"choose one of: {', '.join(PROFILERS)}."
-        )
+    PROFILERS.get(config.implementation.profiler)
+    _validate_monitoring(config.logging)
     DATASETS.get(config.data.name).validate(config)
     if config.optim.schedule not in SCHEDULES:
         raise ConfigError(
@@ -115,6 +112,17 @@ def validate(config):
     wandb_mode = config.logging.wandb.mode
     if wandb_mode not in ("disabled", "offline", "online"):
         raise ConfigError(f"Unknown logging.wandb.mode {wandb_mode!r}; choose one of: disabled, offline, online.")
+
+
+def _validate_monitoring(logging):
+    probes_every = logging.get("probes_every", 0)
+    if not isinstance(probes_every, int) or probes_every < 0:
+        raise ConfigError(f"logging.probes_every must be a whole number of steps (0 = no probes), got {probes_every!r}.")
+    start, stop = logging.get("profile_start", 10), logging.get("profile_stop", 15)
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
+        raise ConfigError(
+            f"logging.profile_start={start!r} and logging.profile_stop={stop!r} must be steps with start < stop."
+        )
 
 
 def _validate_parallel(p):

@@ -132,3 +132,10 @@ def apply_rope(x_BxLxHxD, cos_BxLxR, sin_BxLxR):
     cos, sin = cos_BxLxR[:, :, None, :], sin_BxLxR[:, :, None, :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BxLxHxD.dtype)
+
+
+def record_activation_ms(module: nn.Module, x_BxLxE):
+    """Sow each token's mean square over features ([B, L], f32) as `activation_ms` in the
+    'intermediates' collection, for the training probes (lmjax.monitor.probes). A no-op unless
+    the caller applies the model with `mutable=["intermediates"]`; XLA then drops the reduction."""
+    module.sow("intermediates", "activation_ms", jnp.mean(jnp.square(x_BxLxE.astype(jnp.float32)), axis=-1))

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models.layers import Projection, RMSNorm, init_for
+from lmjax.models.layers import Projection, RMSNorm, init_for, record_activation_ms
 from lmjax.models.scans import SSM_SCANS, RecurrentLM, StateLeaf, causal_conv, selective_scan
 
 
@@ -139,6 +139,7 @@ class MambaBlock(nn.Module):
         normed = RMSNorm(c.norm_eps, pdt, dt, name="norm")(x_BxLxE)
         mixed, new_state = MambaMixer(c, name="mixer")(normed, reset_BxL, state, hold_BxL)
         out = nn.with_logical_constraint(x_BxLxE + mixed, ("batch", "length", "embed"))
+        record_activation_ms(self, out)
         return out, (None if state is None else MambaState(*new_state))
 
 

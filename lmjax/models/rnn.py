@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.models.layers import GatedMLP, Projection, RMSNorm, init_for
+from lmjax.models.layers import GatedMLP, Projection, RMSNorm, init_for, record_activation_ms
 from lmjax.models.scans import LINEAR_SCANS, RecurrentLM, StateLeaf, causal_conv, linear_scan
 
 CELLS = ("hawk", "mingru", "minlstm")
@@ -150,6 +150,7 @@ class RNNBlock(nn.Module):
         mlp = GatedMLP(c.dim, c.hidden, c.n_layers, c.init, nn.gelu, pdt, dt, name="mlp")  # GeGLU, as Hawk
         out = h + mlp(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        record_activation_ms(self, out)
         return out, (None if state is None else RNNState(*new_state))
 
 

@@ -174,7 +174,7 @@ def run_layers(block_cls, cfg, x_BxLxE, reset_BxL, state, hold_BxL=None):
         return x_BxLxE, jax.tree_util.tree_map(lambda *s: jnp.stack(s), *new_states)
     layers = nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, 0, nn.broadcast),
         length=cfg.n_layers,

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.models.attention import Attention, AttentionMask
-from lmjax.models.layers import Embedding, GatedMLP, Projection, RMSNorm, init_for, rope_angles
+from lmjax.models.layers import Embedding, GatedMLP, Projection, RMSNorm, init_for, record_activation_ms, rope_angles
 
 REMAT_POLICIES = {
     "none": None,
@@ -61,6 +61,7 @@ class Block(nn.Module):
         out = h + mlp(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
         if layer_cache is None:
+            record_activation_ms(self, out)
             return out, None
         return (out, k_all, v_all, layer_cache[2] + 1), None
 
@@ -110,7 +111,7 @@ class Transformer(nn.Module):
         else:
             layers = nn.scan(
                 block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.n_layers,

@@ -29,7 +29,7 @@ class MetricWriter:
 
             self._tb = SummaryWriter(str(self.workdir / "tb"))
         if config.logging.wandb.mode != "disabled":
-            self._wandb = _start_wandb(self.workdir, config)
+            self._wandb = WandbRun(self.workdir, config)
 
     def _drop_lines_after(self, step):
         """On resume, lines logged after the checkpoint will be logged again: drop them."""
@@ -48,7 +48,7 @@ class MetricWriter:
             for name, value in metrics.items():
                 self._tb.add_scalar(name, float(value), int(step))
         if self._wandb is not None:
-            self._wandb.log(metrics, step=int(step))
+            self._wandb.log(int(step), metrics)
 
     def close(self):
         if not self.enabled:
@@ -60,13 +60,59 @@ class MetricWriter:
             self._wandb.finish()
 
 
-def _start_wandb(workdir, config):
+def wandb_run_id(workdir) -> tuple[str, bool]:
+    """(run id, whether it is new): a workdir keeps one wandb run id in WORKDIR/wandb_id."""
+    id_file = Path(workdir) / "wandb_id"
+    if id_file.exists():
+        return id_file.read_text().strip(), False
+    run_id = uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return run_id, True
+
+
+class WandbRun:
+    """The workdir's wandb run, continued by every resume of the workdir.
+
+    Resuming from checkpoint step S logs steps S+1... again, but the interrupted process may
+    already have sent some of them, and wandb keeps a run's steps increasing: a step below the
+    last one is dropped with a warning. So steps up to the last one sent (kept in
+    WORKDIR/wandb_step) are not sent again; wandb keeps the interrupted process's values for
+    them (the same numbers, since resume is bit-identical, except the timings). metrics.jsonl
+    stays the record of the resumed run, and `python -m lmjax.monitor.sync WORKDIR` replays it
+    into the same wandb run when the two must match exactly.
+
+    Why not wandb's rewind (`wandb.init(resume_from=f"{id}?_step={S}")`, beta in wandb 0.31)?
+    It truncates the run on the server (the RewindRun mutation), so it works online only and
+    only once the run exists there. Offline it is just recorded in the run's config, and
+    `wandb sync` of several offline folders with one id keeps one folder's history, not their
+    union (wandb issues #3841, #5865). Skipping behaves the same online and offline.
+    """
+
+    def __init__(self, workdir, config):
+        self._step_file = Path(workdir) / "wandb_step"
+        run_id, new = wandb_run_id(workdir)
+        self.sent_through = -1 if new or not self._step_file.exists() else int(self._step_file.read_text())
+        self.run = _start_wandb(workdir, config, run_id)
+        if self.run.resumed:  # online: the server says where the run stopped
+            self.sent_through = max(self.sent_through, self.run.starting_step - 1)
+        self._skip_through = self.sent_through  # steps of this process may repeat (train + eval at one step)
+
+    def log(self, step: int, metrics: dict):
+        if step <= self._skip_through:
+            return
+        self.run.log(metrics, step=step)
+        if step > self.sent_through:
+            self.sent_through = step
+            self._step_file.write_text(str(step))
+
+    def finish(self):
+        self.run.finish()
+
+
+def _start_wandb(workdir, config, run_id):
     """Resuming a workdir continues the same wandb run (its id is kept in WORKDIR/wandb_id)."""
     import wandb
 
-    id_file = Path(workdir) / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-    id_file.write_text(run_id)
     w = config.logging.wandb
     return wandb.init(
         project=w.project, entity=w.entity or None, name=w.name or Path(workdir).name, mode=w.mode,

@@ -22,12 +22,14 @@ from lmjax.data.prefetch import Prefetcher
 from lmjax.eval.teacher_forced import eval_batches, evaluate_task, make_eval_step
 from lmjax.models import build_model
 from lmjax.monitor.metrics import MetricWriter
+from lmjax.monitor.profiler import make_profiler
 from lmjax.parallel.layout import Layout
 from lmjax.registry import ConfigError
 from lmjax.train.checkpoint import Checkpointer
 from lmjax.train.optimizer import make_optimizer
 from lmjax.train.state import abstract_train_state, init_state_fn, state_shardings
 from lmjax.train.step import make_train_step
+from lmjax.train.step_cost import flops_limit, step_cost_metrics
 
 
 def seconds_since_process_start():
@@ -64,6 +66,22 @@ def parse_stop_when(text):
             threshold = float(threshold)
             return lambda metrics: name in metrics and compare(metrics[name], threshold)
     raise ConfigError(f"train.stop_when must look like 'eval/qa_acc>=0.95' or 'eval/loss<=1.5', got {text!r}.")
+
+
+def _count_step_cost(train_step, state, batch, model, tx, schedule, config, layout, writer, workdir):
+    """Log the step's FLOPs (compiled and analytic) once; returns (FLOPs per step, FLOP/s limit)."""
+    cost = step_cost_metrics(train_step, state, batch, model, state.params, tx, schedule, config, layout)
+    limit, limit_source = flops_limit(config)
+    numbers = {k: v for k, v in cost.items() if k.startswith("perf/")}
+    if limit:
+        numbers["perf/flops_limit"] = limit
+    if int(state.step) == 0:  # a resumed run logged them when it started
+        writer.write(0, numbers)
+    if jax.process_index() == 0:  # how each number was obtained, beside the numbers
+        details = {**numbers, "flops_source": cost["source"], "analytic_counts": cost["analytic_counts"],
+                   "flops_limit_source": limit_source}
+        (workdir / "step_cost.json").write_text(json.dumps(details, indent=2))
+    return cost["perf/flops_per_step"], limit
 
 
 def train(config, workdir) -> dict:
@@ -107,7 +125,10 @@ def train(config, workdir) -> dict:
 
     is_lead = jax.process_index() == 0
     writer = MetricWriter(workdir, config, enabled=is_lead, resume_step=resume_step)
-    train_step = make_train_step(model.apply, tx, schedule, config.optim.grad_accum, layout=layout, shardings=shardings)
+    probes_every = config.logging.get("probes_every", 0)
+    train_step = make_train_step(
+        model.apply, tx, schedule, config.optim.grad_accum, layout=layout, shardings=shardings, probes=probes_every > 0
+    )
     eval_step = make_eval_step(model.apply, layout=layout, param_shardings=shardings.params)
     eval_sets = {name: eval_batches(examples, config.eval.batch_size) for name, examples in task.eval_sets.items()}
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
@@ -115,6 +136,9 @@ def train(config, workdir) -> dict:
         writer.write(0, {"model/params": n_params})
 
     prefetcher = Prefetcher(batches)
+    profiler = make_profiler(config, workdir)
+    count_flops = config.logging.get("count_flops", True)
+    flops_per_step, limit = None, None
     stop = StopSignal()
     bar = tqdm(total=t.steps, initial=start, disable=not (is_lead and config.logging.progress_bar), dynamic_ncols=True)
     last_eval, last_log = {}, {}
@@ -122,18 +146,34 @@ def train(config, workdir) -> dict:
     step = start
     try:
         while step < t.steps and stop.received is None and reached is None:
-            local_batch = next(prefetcher)
+            with profiler.data_wait():
+                local_batch = next(prefetcher)
             # Real tokens in this process's rows, scaled to the global batch.
             window_tokens += int(np.count_nonzero(local_batch["segment_ids"])) * t.batch_size // (rows[1] - rows[0])
-            state, metrics = train_step(state, layout.put_local_rows(local_batch, t.batch_size))
+            batch = layout.put_local_rows(local_batch, t.batch_size)
+            if count_flops and flops_per_step is None:
+                flops_per_step, limit = _count_step_cost(
+                    train_step, state, batch, model, tx, schedule, config, layout, writer, workdir
+                )
+                window_start = time.perf_counter()  # the window times training steps, not the count
+            profiler.before_step(step)
+            state, metrics = train_step(state, batch)
+            profiler.after_step(step, (state, metrics))
             step += 1
             window_steps += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not (probes_every and step % probes_every == 0):
+                    metrics = {k: v for k, v in metrics.items() if not k.startswith("probe/")}
                 elapsed = time.perf_counter() - window_start
                 metrics["train/tokens_per_s"] = window_tokens / elapsed
                 metrics["train/step_time_s"] = elapsed / window_steps
+                if flops_per_step is not None:
+                    metrics["perf/flops_per_s"] = flops_per_step * window_steps / elapsed
+                    if limit:
+                        metrics["perf/mfu"] = metrics["perf/flops_per_s"] / limit
+                metrics.update(profiler.window_metrics(elapsed, window_steps))
                 last_log = metrics
                 writer.write(step, metrics)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", refresh=False)
@@ -152,6 +192,7 @@ def train(config, workdir) -> dict:
                 window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
     finally:
         bar.close()
+        profiler.close()
         prefetcher.close()
         stop.restore()
         checkpointer.close()
