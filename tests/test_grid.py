@@ -275,14 +275,20 @@ def test_ctrl_c_stops_the_children_with_sigterm_and_leaves_them_interrupted(tmp_
                 return
             time.sleep(0.1)
 
+    def swallow(signum, frame):  # an embedding process's own handler must not stop Ctrl-C reaching the grid
+        pass
+
+    embedding_handler = signal.signal(signal.SIGINT, swallow)
     running_test.set()
     thread = threading.Thread(target=interrupt_when_ready, daemon=True)
     thread.start()
     try:
         report = run_local(grid, parallel=2, out=io.StringIO())
+        assert signal.getsignal(signal.SIGINT) is swallow  # given back afterwards
     finally:
         running_test.clear()
         thread.join()
+        signal.signal(signal.SIGINT, embedding_handler)
     assert report.interrupted and report.launched == ["seed=0", "seed=1"]
     assert report.exit_codes == {"seed=0": 143, "seed=1": 143}
     assert report.statuses == {"seed=0": "interrupted", "seed=1": "interrupted", "seed=2": "pending"}

@@ -5,15 +5,18 @@
 Writes into --out: `runs.csv` (one row per run), `results.md` (the per-run table and the fits,
 in markdown), and the figures `smallest_model.png` (smallest model reaching 95% recall vs the
 number of facts, log-log, one fitted power law per mode), `curves.png` (teacher-forced accuracy
-vs step for the largest N), `contour_weights.png` / `contour_tool.png` (recall over people x
-width) and `bits_per_param.png` (in-weight: bits of facts recalled per parameter).
+vs step for the largest N), `steps_to_learn.png` (steps until teacher-forced accuracy first
+reaches 95%, vs the number of facts, per mode and width), `contour_weights.png` /
+`contour_tool.png` (recall over people x width) and `bits_per_param.png` (in-weight: bits of
+facts recalled per parameter).
 """
 import argparse
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from lmjax.results import load_histories, load_runs
+from lmjax.results import first_reaching, load_histories, load_runs
 from lmjax.results.capacity import FACTS_PER_PERSON, bits_per_param
 from lmjax.results.plots import plot_bits_per_param, plot_contour, plot_curves, plot_smallest_model
 
@@ -47,6 +50,30 @@ def _table(runs):
     return header + "\n".join(lines) + "\n"
 
 
+def plot_steps_to_learn(runs, histories, out):
+    """Steps until eval/qa_acc first reaches 95%, vs facts: what learning costs as N grows.
+
+    One line per (mode, width), the mean over the seeds that reach it; widths where a seed never
+    reaches it at some N are drawn up to the last N all seeds reached.
+    """
+    reached = first_reaching(histories, "eval/qa_acc", THRESHOLD)["step"]
+    runs = runs.assign(learn_step=runs["workdir"].map(reached))
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.grid(True, alpha=0.35)
+    for (mode, width), part in runs.groupby(["data.mode", "model.dim"]):
+        per_n = part.groupby("facts")["learn_step"].agg(lambda s: s.mean() if s.notna().all() else np.nan).dropna()
+        if len(per_n):
+            ax.plot(per_n.index, per_n.values, "o-" if mode == "weights" else "s--", label=f"{mode}, width {width}")
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(runs["facts"].unique()), [f"{n:,}" for n in sorted(runs["facts"].unique())])
+    ax.set_xlabel("facts (4 per person)")
+    ax.set_ylabel(f"steps until eval/qa_acc >= {THRESHOLD}")
+    ax.set_title("training steps to learn the facts (32 packed rows a step)")
+    ax.legend(fontsize="small", ncols=2)
+    fig.savefig(out, dpi=150)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/tool_vs_weights")
@@ -67,6 +94,7 @@ def main():
     histories = load_histories(args.root, columns=["data.mode", "data.num_people", "model.dim", "seed"])
     plot_curves(histories[histories["data.num_people"] == largest], "eval/qa_acc", ["data.mode", "model.dim"],
                 out / "curves.png", title=f"teacher-forced answer accuracy, {largest} people")
+    plot_steps_to_learn(runs, histories, out / "steps_to_learn.png")
     for mode in sorted(runs["data.mode"].unique()):
         of_mode = runs[runs["data.mode"] == mode]
         if of_mode["data.num_people"].nunique() > 1 and of_mode["model.dim"].nunique() > 1:
@@ -74,7 +102,7 @@ def main():
                          log_y=True, title=f"{mode}: recall by people x width (mean over seeds)")
     weights = runs[runs["data.mode"] == "weights"]
     plot_bits_per_param(weights, "data.num_people", "params", METRIC, out / "bits_per_param.png",
-                        group_by="data.num_people", title="in-weight: bits of recalled facts per parameter")
+                        group_by="data.num_people", log_y=True, title="in-weight: bits of recalled facts per parameter")
 
     lines = [f"# Tool vs weights: results ({len(runs)} runs)\n", _table(runs), "\n## Smallest model reaching "
              f"{METRIC} >= {THRESHOLD} (majority of seeds)\n", "| mode | points | slope (params ∝ facts^slope) | "

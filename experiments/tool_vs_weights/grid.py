@@ -5,8 +5,8 @@ facts grow with N, when the facts live in the weights vs in a database the model
     python experiments/tool_vs_weights/analyze.py
 
 Sized for about an hour on a 2-core CPU (see README.md in this folder): 2-layer byte-level
-Llama-style models of width 16/32/64 (16.5k/49k/165k parameters), 32/64/128 people (128/512/1,024
-facts... 4 per person), in-weight with 2 seeds and in-tool with 1. Every run stops once
+Llama-style models of width 16/24/32/48/64 (17k/31k/50k/99k/165k parameters), 32/64/128 people
+(128/256/512 facts, 4 per person), in-weight with 2 seeds and in-tool with 1. Every run stops once
 teacher-forced accuracy reaches 96% (the recipe's `train.stop_when`), or at its step budget,
 then measures recall by free generation (`eval/qa_recall`, the study's metric; in-tool the
 database is queried for real).
@@ -35,14 +35,14 @@ def get_grid():
                 "weights": {"data.mode": "weights"},
             },
             "data.num_people": [32, 64, 128],
-            "model.dim": [16, 32, 64],
+            "model.dim": [16, 24, 32, 48, 64],
         },
         seeds=[0, 1],
         derive=lambda o: {
             "model.mlp_hidden": 4 * o["model.dim"],
             **({"train.steps": 12 * o["data.num_people"]} if o["data.mode"] == "weights" else {}),
         },
-        # In-tool: one seed, and widths 32 and 64 only (a 16-wide model does not learn to copy
-        # within 1,500 steps in our calibration runs; each in-tool run costs ~5 minutes).
+        # In-tool: one seed, and widths 32 and up (a 16-wide model does not learn to copy within
+        # 1,500 steps in our calibration runs; each in-tool run costs ~6 minutes).
         where=lambda labels: labels["mode"] == "weights" or (labels["seed"] == 0 and labels["model.dim"] >= 32),
     )

@@ -26,7 +26,6 @@ import lmjax
 from lmjax.grid.status import ATTEMPT, GRID_JSON, LOG, read_attempt, read_summary, run_status, write_json
 from lmjax.grid.table import format_table
 
-_NOT_SET = object()
 LOG_TAIL_LINES = 20
 STOP_TIMEOUT_S = 120  # after SIGTERM, how long a child may take to save its checkpoint before SIGKILL
 
@@ -162,7 +161,7 @@ def run_local(grid, parallel=1, *, only=None, retry_failed=False, out=None, refr
     display = _Display(grid, runs, out, refresh_s)
     running, launched, exit_codes, interrupted = {}, [], {}, False
     env, start = child_env(), time.time()
-    previous = _sigterm_raises_keyboard_interrupt()
+    previous = _stop_signals_raise_keyboard_interrupt()
     try:
         try:
             while queue or running:
@@ -185,22 +184,26 @@ def run_local(grid, parallel=1, *, only=None, retry_failed=False, out=None, refr
                 exit_codes[name] = child.finish()
                 statuses[name] = run_status(child.run)
     finally:
-        if previous is not _NOT_SET:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     statuses = {run.name: run_status(run) for run in runs}
     display.update(statuses, force=True)
     return Report(launched, statuses, exit_codes, interrupted, time.time() - start)
 
 
-def _sigterm_raises_keyboard_interrupt():
-    """SIGTERM to the runner (a scheduler, `kill`) stops it like Ctrl-C; returns the previous handler."""
+def _stop_signals_raise_keyboard_interrupt():
+    """Ctrl-C, and SIGTERM from a scheduler or `kill`, stop the runner; returns the previous handlers.
+
+    SIGINT is set too, not left to Python's default: the process embedding the runner (a
+    notebook, a test session, a library that set its own handler) may have replaced it.
+    """
     if threading.current_thread() is not threading.main_thread():
-        return _NOT_SET  # signal handlers belong to the main thread
+        return {}  # signal handlers belong to the main thread
 
     def handler(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, handler)
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _stop(running, display):

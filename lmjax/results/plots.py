@@ -373,7 +373,7 @@ def plot_bits_per_param(runs: pd.DataFrame, n_col: str, size_col: str, acc_col: 
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel(size_col)
-    ax.set_ylabel(f"bits stored per parameter ({capacity.bits_per_person():.1f} bits/person × {acc_col})")
+    ax.set_ylabel(f"bits stored per parameter\n({capacity.bits_per_person():.1f} bits/person × {acc_col})")
     ax.set_title(title or "facts stored per parameter")
     ax.legend(title=_legend_title(group_by), fontsize="small")
     return _save(fig, out)
