@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from lmjax.results import first_reaching, load_histories, load_runs
 from lmjax.results.capacity import FACTS_PER_PERSON, bits_per_param
-from lmjax.results.plots import plot_bits_per_param, plot_contour, plot_curves, plot_smallest_model
+from lmjax.results.plots import DPI, plot_bits_per_param, plot_contour, plot_curves, plot_smallest_model
 
 HERE = Path(__file__).resolve().parent
 METRIC, THRESHOLD = "eval/qa_recall", 0.95
@@ -53,8 +53,8 @@ def _table(runs):
 def plot_steps_to_learn(runs, histories, out):
     """Steps until eval/qa_acc first reaches 95%, vs facts: what learning costs as N grows.
 
-    One line per (mode, width), the mean over the seeds that reach it; widths where a seed never
-    reaches it at some N are drawn up to the last N all seeds reached.
+    One line per (mode, width), the mean over seeds; an N where some seed never reaches it has no
+    point.
     """
     reached = first_reaching(histories, "eval/qa_acc", THRESHOLD)["step"]
     runs = runs.assign(learn_step=runs["workdir"].map(reached))
@@ -71,7 +71,7 @@ def plot_steps_to_learn(runs, histories, out):
     ax.set_ylabel(f"steps until eval/qa_acc >= {THRESHOLD}")
     ax.set_title("training steps to learn the facts (32 packed rows a step)")
     ax.legend(fontsize="small", ncols=2)
-    fig.savefig(out, dpi=150)
+    fig.savefig(out, dpi=DPI)
 
 
 def main():
