@@ -21,7 +21,7 @@ def get_config():
     c.model = dict(
         dim=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=256, vocab_size=260,
         tie_embeddings=False, rope_base=10000.0, norm_eps=1e-5, init="normal", remat="none",
-        scan_layers=False, param_dtype="float32", compute_dtype="float32", prefix_lm=False,
+        scan_layers=False, param_dtype="float32", compute_dtype="float32", prefix_lm=False, attention_block=64,
     )
     c.data = dict(
         name="facts", mode="weights", num_people=256, num_unseen=64, alpha=0.0, seed=0,

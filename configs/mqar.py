@@ -28,7 +28,7 @@ def get_config():
     c.model = dict(
         dim=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=256, vocab_size=c.data.get_ref("vocab_size"),
         tie_embeddings=False, rope_base=10000.0, norm_eps=1e-5, init="normal", remat="none",
-        scan_layers=False, param_dtype="float32", compute_dtype="float32", prefix_lm=False,
+        scan_layers=False, param_dtype="float32", compute_dtype="float32", prefix_lm=False, attention_block=64,
         # Recurrent families (--config.implementation.model=mamba | rnn): Mamba's SSM state size,
         # conv width, expansion, dt rank (0 = dim/16) and scan; the RNN's cell and width (0 = dim).
         d_state=16, d_conv=4, expand=2, dt_rank=0, scan="chunked", chunk_size=64, cell="hawk", width=0,

@@ -12,7 +12,7 @@ def get_config():
     c.model = dict(
         dim=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden=384, vocab_size=128,
         tie_embeddings=True, rope_base=10000.0, norm_eps=1e-5, init="normal", remat="none",
-        scan_layers=False, param_dtype="float32", compute_dtype="float32", prefix_lm=False,
+        scan_layers=False, param_dtype="float32", compute_dtype="float32", prefix_lm=False, attention_block=64,
     )
     c.data = dict(name="shakespeare", val_fraction=0.05, input_shards=0)  # 0 = one per data-parallel process
     c.optim = dict(

@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,20 +94,24 @@ def test_masked_keys_have_no_influence():
     np.testing.assert_array_equal(np.asarray(xla_attention(q, k2, v2, mask)), out)
 
 
+def assert_same_gradients(fn, reference, q, k, v, mask, cotangent):
+    """d<fn(q, k, v, mask), cotangent>/d(q, k, v) against the reference's. Both in f32 with
+    different op orders; gradients are O(1), so 1e-5 absolute covers rounding while a wrong
+    mask/grouping would be off by O(0.1)."""
+    def loss(attention):
+        return lambda q, k, v: jnp.sum(attention(q, k, v, mask) * cotangent)
+
+    got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(q, k, v)
+    for name, g, w in zip("qkv", got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("n_kv", [4, 2, 1])
 def test_gradients_match_naive_jnp(n_kv):
     q, k, v, mask = random_qkvm(seed=20 + n_kv, n_kv=n_kv)
     cotangent = np.random.default_rng(0).normal(size=q.shape).astype(np.float32)
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v, mask) * cotangent)
-
-    got = jax.jit(jax.grad(loss(xla_attention), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.jit(jax.grad(loss(naive_attention_jnp), argnums=(0, 1, 2)))(q, k, v)
-    # Both sides in f32, different op orders; gradients are O(1), so 1e-5 absolute covers
-    # rounding while a wrong mask/grouping would be off by O(0.1).
-    for name, g, w in zip("qkv", got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5, err_msg=name)
+    assert_same_gradients(xla_attention, naive_attention_jnp, q, k, v, mask, cotangent)
 
 
 def test_bfloat16_inputs_stay_close():
@@ -117,3 +123,70 @@ def test_bfloat16_inputs_stay_close():
     np.testing.assert_allclose(
         np.asarray(out, np.float32), naive_attention_np(q, k, v, mask), rtol=5e-2, atol=5e-2
     )
+
+
+def packed_rows(rng, B, L, longest, padding=True):
+    """Segment ids of rows packed with sequences of 1..`longest` tokens, padding (0) at the end."""
+    segment_ids = np.zeros((B, L), np.int32)
+    for b in range(B):
+        start, segment = 0, 1
+        while start < L - (8 if padding else 0):
+            n = min(int(rng.integers(1, longest + 1)), L - start)
+            segment_ids[b, start:start + n] = segment
+            start, segment = start + n, segment + 1
+    return segment_ids
+
+
+@pytest.mark.parametrize("longest,prompts", [(0, False), (23, False), (23, True), (0, True), (64, False)])
+def test_key_ranges_hold_every_allowed_key(longest, prompts):
+    """Outside its blocks' ranges the dense mask (the reference) allows nothing; inside, each
+    range is as tight as its formula says (checked by the known counts below)."""
+    from lmjax.models.attention import AttentionMask, key_ranges
+
+    rng = np.random.default_rng(longest + prompts)
+    L = 100
+    segment_ids = packed_rows(rng, 4, L, longest or L)
+    prompt = (rng.random((4, L)) < 0.5).astype(np.int32) if prompts else None
+    dense = np.asarray(AttentionMask.packed(jnp.asarray(segment_ids), prompt, longest).dense_BxLxS)
+    ranges = key_ranges(L, 16, longest, prompts)
+    assert [(q0, q1) for q0, q1, _, _ in ranges] == [(q, min(L, q + 16)) for q in range(0, L, 16)]
+    for q0, q1, k0, k1 in ranges:
+        outside = np.ones(L, bool)
+        outside[k0:k1] = False
+        assert not dense[:, q0:q1, outside].any(), (q0, q1, k0, k1)
+    # Causal, unknown length: keys [0, q1). Known length 23: back to q0 - 22. Prompts: forward too.
+    if not prompts:
+        assert ranges[3][2:] == ((0, 64) if not longest else (max(0, 48 - longest + 1), 64))
+    else:
+        assert ranges[3][2:] == ((0, L) if not longest else (48 - 22, 64 + 22))
+
+
+@pytest.mark.parametrize("n_kv,longest,prompts", [(2, 20, False), (1, 20, True), (4, 0, False), (2, 0, True)])
+def test_blocked_attention_equals_the_full_computation(n_kv, longest, prompts):
+    """Block skipping against the full square, on packed rows with padding, outputs and grads."""
+    from lmjax.models.attention import AttentionMask, blocked_attention
+
+    rng = np.random.default_rng(n_kv)
+    B, L, D = 3, 70, 8
+    segment_ids = jnp.asarray(packed_rows(rng, B, L, longest or L))
+    prompt = jnp.asarray((rng.random((B, L)) < 0.4).astype(np.int32)) if prompts else None
+    mask = AttentionMask.packed(segment_ids, prompt, longest)
+    q = rng.normal(size=(B, L, N_HEADS, D)).astype(np.float32)
+    k = rng.normal(size=(B, L, n_kv, D)).astype(np.float32)
+    v = rng.normal(size=(B, L, n_kv, D)).astype(np.float32)
+    cotangent = rng.normal(size=q.shape).astype(np.float32)
+    blocked = functools.partial(blocked_attention, xla_attention, block=16)
+    np.testing.assert_allclose(
+        np.asarray(blocked(q, k, v, mask)), naive_attention_np(q, k, v, np.asarray(mask.dense_BxLxS)), rtol=1e-5, atol=1e-5
+    )
+    assert_same_gradients(blocked, xla_attention, q, k, v, mask, cotangent)
+
+
+def test_scored_keys_count_the_blocks():
+    from lmjax.models.attention import scored_keys_per_query
+
+    assert scored_keys_per_query(256, 0) == 256
+    # Causal blocks of 64: 64 x (64 + 128 + 192 + 256) scores over 256 queries.
+    assert scored_keys_per_query(256, 64) == 64 * (64 + 128 + 192 + 256) / 256
+    # Longest sequence 87 (86 back): the last two blocks start 86 before their first query.
+    assert scored_keys_per_query(256, 64, 87) == 64 * (64 + 128 + (192 - 42) + (256 - 106)) / 256

@@ -112,11 +112,12 @@ def test_clear_errors():
     q, k, v, mask = packed_inputs(0, 1, 8, 3, 2, 8, jnp.float32, "causal")
     with pytest.raises(TypeError, match="AttentionMask"):
         pallas_attention(q, k, v, mask.dense_BxLxS)
-    m = mask
+    parts = (mask.q_segment_ids_BxL, mask.kv_segment_ids_BxS, mask.q_positions_BxL, mask.kv_positions_BxS,
+             mask.q_prompt_BxL, mask.kv_prompt_BxS)
     with pytest.raises(ValueError, match="multiple of K"):
-        flash_attention(q, k, v, *m[1:], backend="interpret")
+        flash_attention(q, k, v, *parts, backend="interpret")
     with pytest.raises(ValueError, match="choose one of"):
-        flash_attention(q[:, :, :2], k, v, *m[1:], backend="cuda")
+        flash_attention(q[:, :, :2], k, v, *parts, backend="cuda")
 
 
 def test_cudnn_name_falls_back_to_xla_off_gpu():

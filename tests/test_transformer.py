@@ -339,3 +339,44 @@ def test_prompt_is_ignored_unless_the_model_is_prefix_lm():
         np.asarray(apply(params, tokens, positions, segments, prompt)),
         np.asarray(apply(params, tokens, positions, segments, no_prompt)),
     )
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_block_skipping_gives_the_full_models_logits_and_grads(scan_layers):
+    """attention_block=8 with the longest-sequence promise against the plain model, on rows of
+    40 packed with sequences of at most 11 tokens (prompts attending both ways)."""
+    rng = np.random.default_rng(0)
+    length, longest = 40, 11
+    segments = np.zeros((B, length), np.int32)
+    positions = np.zeros((B, length), np.int32)
+    for b in range(B):
+        start, segment = 0, 1
+        while start < length - 5:
+            n = min(int(rng.integers(3, longest + 1)), length - start)
+            segments[b, start:start + n], positions[b, start:start + n] = segment, np.arange(n)
+            start, segment = start + n, segment + 1
+    tokens = random_tokens(3, (B, length), SMALL.vocab_size)
+    prompt = jnp.asarray((positions < 3) & (segments > 0))
+    args = (tokens, jnp.asarray(positions), jnp.asarray(segments), prompt)
+    targets = random_tokens(4, (B, length), SMALL.vocab_size)
+    plain = dataclasses.replace(SMALL, scan_layers=scan_layers)
+    blocked = dataclasses.replace(plain, attention_block=8)
+    params = random_params(plain)
+
+    def loss_and_grads(cfg, promise):
+        def loss(p):
+            logits = Transformer(cfg).apply({"params": p}, *args, max_segment_len=promise)
+            log_probs = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(log_probs, targets[..., None], axis=-1)), logits
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        return logits, grads
+
+    want_logits, want_grads = loss_and_grads(plain, 0)
+    for promise in (0, longest):
+        logits, grads = loss_and_grads(blocked, promise)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
+        for name, g in flat(grads).items():
+            np.testing.assert_allclose(np.asarray(g), np.asarray(flat(want_grads)[name]), rtol=1e-4, atol=1e-6, err_msg=name)
+    # Not vacuous: a broken promise (sequences longer than 5) drops keys the mask allows.
+    broken, _ = loss_and_grads(blocked, 5)
+    assert np.abs(np.asarray(broken) - np.asarray(want_logits)).max() > 1e-2

@@ -34,6 +34,14 @@ def check_lengths(examples: Sequence[dict], seq_len: int, what: str):
         )
 
 
+def longest_example(examples) -> int:
+    """Tokens in the longest example of an in-memory list; 0 (not measured) for other sources,
+    whose examples (text windows, MQAR sequences) fill whole rows anyway."""
+    if not isinstance(examples, list) or not examples:
+        return 0
+    return max(len(e["inputs"]) for e in examples)
+
+
 def _pad_one(example, seq_len, keys=PACKED_KEYS):
     """One example as a row of `seq_len`: `keys` zero-padded, plus segment ids and positions."""
     example = _with_prompt(example)

@@ -21,6 +21,7 @@ def build_transformer(config):
             rope_base=m.rope_base, norm_eps=m.norm_eps, init=m.init, remat=m.remat,
             scan_layers=m.scan_layers, attention=config.implementation.attention,
             param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, prefix_lm=m.get("prefix_lm", False),
+            attention_block=m.get("attention_block", 0),
         )
     )
 

@@ -260,14 +260,15 @@ class RecurrentLM(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None,
-                 logits_at_B=None, state=None):
+                 logits_at_B=None, state=None, max_segment_len: int = 0):
         """Logits [B, L, V] in f32, the signature of `Transformer`. `segment_ids_BxL`: packed
         sequences (the recurrence restarts where the id changes); positions and prompt are not
         used (order is the recurrence's own). `state`: continue from it and return (logits, new
         state) — prefill from `init_state`, or a chunk of decoding. `cache` (the decoder's
         interface, see lmjax.generate.cache): each row is a chunk of one sequence; tokens with
         segment id 0 (always at the end of a row) are not written, and a row whose chunk starts
-        at position 0 starts from a zero state."""
+        at position 0 starts from a zero state. `max_segment_len` is accepted for the shared
+        signature and unused: a recurrence has no attention blocks to skip."""
         return recurrent_lm(self.cfg, self.block, self.state_type, tokens_BxL, positions_BxL, segment_ids_BxL, cache,
                             logits_at_B, state)
 

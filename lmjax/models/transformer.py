@@ -34,6 +34,7 @@ class TransformerConfig:
     compute_dtype: str = "float32"
     scan_layers: bool = True
     prefix_lm: bool = False  # prompt tokens attend to each other both ways
+    attention_block: int = 0  # block skipping (lmjax.models.attention): query rows per block, 0 = off
 
 
 def _same_kind(cache, k, v):
@@ -51,7 +52,8 @@ class Block(nn.Module):
         c = self.cfg
         dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
         x_BxLxE, layer_cache = (carry[0], carry[1:]) if isinstance(carry, tuple) else (carry, None)
-        attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.n_layers, c.init, c.attention, pdt, dt, name="attention")
+        attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.n_layers, c.init, c.attention, pdt, dt,
+                         block=c.attention_block, name="attention")
         normed = RMSNorm(c.norm_eps, pdt, dt, name="attention_norm")(x_BxLxE)
         attended = attn(normed, *rope, mask, layer_cache, write_slots_BxL)
         if layer_cache is not None:
@@ -70,11 +72,15 @@ class Transformer(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None, logits_at_B=None):
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None, logits_at_B=None,
+                 max_segment_len: int = 0):
         """Logits [B, L, V] in f32. Default: one causal sequence per row starting at position 0.
 
         `segment_ids_BxL`: packed sequences (0 = padding). `prompt_BxL`: prompt tokens, which
         attend to each other both ways when the config says `prefix_lm` (ignored otherwise).
+        `max_segment_len`: a promise that no packed sequence (run of one segment id) is longer,
+        which lets block skipping leave out keys further back (0 = no promise). Breaking the
+        promise gives wrong outputs; the training loop measures it on the data.
 
         Generation: `cache` = (k, v), each [layers, B, S, kv_heads, head_dim]. The L tokens of
         each row are a chunk at `positions_BxL` (required), written into cache slots equal to
@@ -91,7 +97,7 @@ class Transformer(nn.Module):
         if not c.prefix_lm:
             prompt_BxL = None
         if cache is None:
-            mask, write_slots_BxL = AttentionMask.packed(segment_ids_BxL, prompt_BxL), None
+            mask, write_slots_BxL = AttentionMask.packed(segment_ids_BxL, prompt_BxL, max_segment_len), None
         else:
             cache_len = cache[0].shape[2]
             mask = AttentionMask.cache(positions_BxL, cache_len, prompt_BxL)

@@ -4,7 +4,8 @@ The compiled count (`compiled_flops`) is what the machine is asked to do: every 
 elementwise op of the loss, the norms, the softmax and the optimizer, on padding tokens too.
 The analytic count (`transformer_train_flops`) is the usual matmul-only estimate: 2 FLOPs per
 multiply-add, backward = 2 x forward. Causal attention is **not** halved: the XLA attention
-computes every score of the L x L square and masks afterwards, so the full square is what runs.
+computes every score it is given and masks afterwards, so what runs is the full L x L square,
+or with block skipping (`model.attention_block`) the blocks' key ranges, which are counted.
 The two agree to a few percent once the matmuls dominate (tests/test_flops.py states the bound).
 
 XLA's cost analysis counts the body of a while loop once, whatever its trip count, so a program
@@ -25,21 +26,25 @@ def compiled_flops(compiled) -> float:
     return float((analysis or {}).get("flops", math.nan))
 
 
-def transformer_forward_flops_per_token(cfg, seq_len: int) -> float:
+def transformer_forward_flops_per_token(cfg, seq_len: int, max_segment_len: int = 0) -> float:
     """Matmul FLOPs of one token's forward pass through a `TransformerConfig` model, with rows of
-    `seq_len` tokens (each query scores all `seq_len` keys: the unhalved causal square)."""
+    `seq_len` tokens (each query scores all `seq_len` keys, the unhalved causal square, or with
+    block skipping the keys of its block's range)."""
+    from lmjax.models.attention import scored_keys_per_query
+
     head_dim = cfg.dim // cfg.n_heads
     q_and_out = 2 * 2 * cfg.dim * cfg.n_heads * head_dim
     k_and_v = 2 * 2 * cfg.dim * cfg.n_kv_heads * head_dim
-    scores_and_mix = 2 * 2 * seq_len * cfg.n_heads * head_dim
+    keys = scored_keys_per_query(seq_len, getattr(cfg, "attention_block", 0), max_segment_len, cfg.prefix_lm)
+    scores_and_mix = 2 * 2 * keys * cfg.n_heads * head_dim
     mlp = 2 * 3 * cfg.dim * cfg.mlp_hidden
     head = 2 * cfg.dim * cfg.vocab_size  # the embedding lookup is a gather: no FLOPs
     return cfg.n_layers * (q_and_out + k_and_v + scores_and_mix + mlp) + head
 
 
-def transformer_train_flops(cfg, batch_size: int, seq_len: int) -> float:
+def transformer_train_flops(cfg, batch_size: int, seq_len: int, max_segment_len: int = 0) -> float:
     """Analytic matmul FLOPs of one optimizer step (forward + backward = 3 x forward)."""
-    return 3 * batch_size * seq_len * transformer_forward_flops_per_token(cfg, seq_len)
+    return 3 * batch_size * seq_len * transformer_forward_flops_per_token(cfg, seq_len, max_segment_len)
 
 
 def matmul_params_train_flops(params, batch_size: int, seq_len: int) -> float:
@@ -51,11 +56,14 @@ def matmul_params_train_flops(params, batch_size: int, seq_len: int) -> float:
     return 6 * n * batch_size * seq_len
 
 
-def analytic_train_flops(model, params, batch_size: int, seq_len: int) -> tuple[float, str]:
+def analytic_train_flops(model, params, batch_size: int, seq_len: int, max_segment_len: int = 0) -> tuple[float, str]:
     """(FLOPs, how they were counted) for one step of `model` (a Transformer, Mamba or RNN)."""
     cfg = model.cfg
     if hasattr(cfg, "n_kv_heads"):
-        return transformer_train_flops(cfg, batch_size, seq_len), "matmuls, causal attention not halved"
+        how = "matmuls, causal attention not halved"
+        if getattr(cfg, "attention_block", 0):
+            how += f", keys of the attention blocks' ranges (block {cfg.attention_block}, longest sequence {max_segment_len or 'unknown'})"
+        return transformer_train_flops(cfg, batch_size, seq_len, max_segment_len), how
     return matmul_params_train_flops(params, batch_size, seq_len), "6 x non-embedding params x tokens (scans left out)"
 
 

@@ -5,6 +5,23 @@ import uuid
 from pathlib import Path
 
 
+def _tensorboardx_writer_class():
+    """tensorboardX imports torch when it is installed (~1.5 s of start-up here) only to name
+    torch.Tensor in type hints; lmjax logs floats, so torch is hidden during that import unless
+    something has loaded it already."""
+    import sys
+
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX allows
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 def _plain(value):
     value = float(value)
     return value if math.isfinite(value) else str(value)
@@ -25,9 +42,7 @@ class MetricWriter:
             self._drop_lines_after(resume_step)
         self._file = open(self.path, "a")
         if config.logging.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.workdir / "tb"))
+            self._tb = _tensorboardx_writer_class()(str(self.workdir / "tb"))
         if config.logging.wandb.mode != "disabled":
             self._wandb = WandbRun(self.workdir, config)
 

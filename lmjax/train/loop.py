@@ -4,6 +4,7 @@ Rerunning on the same workdir resumes from the latest checkpoint, bit-identicall
 checkpoint holds params, optimizer state, step, PRNG key and the data iterator's position.
 SIGTERM (and Ctrl-C) saves a checkpoint at the current step before exiting.
 """
+import functools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from lmjax.config import check_resume_compatible, to_json, validate
 from lmjax.data.datasets import build_task
-from lmjax.data.pipeline import InputShards
+from lmjax.data.pipeline import InputShards, longest_example
 from lmjax.data.prefetch import Prefetcher
 from lmjax.eval.teacher_forced import eval_batches, evaluate_task, make_eval_step
 from lmjax.models import build_model
@@ -68,9 +69,9 @@ def parse_stop_when(text):
     raise ConfigError(f"train.stop_when must look like 'eval/qa_acc>=0.95' or 'eval/loss<=1.5', got {text!r}.")
 
 
-def _count_step_cost(train_step, state, batch, model, tx, schedule, config, layout, writer, workdir):
+def _count_step_cost(train_step, state, batch, model, tx, schedule, config, layout, writer, workdir, max_segment_len):
     """Log the step's FLOPs (compiled and analytic) once; returns (FLOPs per step, FLOP/s limit)."""
-    cost = step_cost_metrics(train_step, state, batch, model, state.params, tx, schedule, config, layout)
+    cost = step_cost_metrics(train_step, state, batch, model, state.params, tx, schedule, config, layout, max_segment_len)
     limit, limit_source = flops_limit(config)
     numbers = {k: v for k, v in cost.items() if k.startswith("perf/")}
     if limit:
@@ -126,8 +127,10 @@ def train(config, workdir) -> dict:
     is_lead = jax.process_index() == 0
     writer = MetricWriter(workdir, config, enabled=is_lead, resume_step=resume_step)
     probes_every = config.logging.get("probes_every", 0)
+    # Every packed sequence is one whole example, so attention can skip keys beyond the longest.
+    max_segment_len = longest_example(task.train)
     train_step = make_train_step(
-        model.apply, tx, schedule, config.optim.grad_accum, layout=layout, shardings=shardings, probes=probes_every > 0
+        functools.partial(model.apply, max_segment_len=max_segment_len), tx, schedule, config.optim.grad_accum, layout=layout, shardings=shardings, probes=probes_every > 0
     )
     eval_step = make_eval_step(model.apply, layout=layout, param_shardings=shardings.params)
     eval_sets = {name: eval_batches(examples, config.eval.batch_size) for name, examples in task.eval_sets.items()}
@@ -153,7 +156,7 @@ def train(config, workdir) -> dict:
             batch = layout.put_local_rows(local_batch, t.batch_size)
             if count_flops and flops_per_step is None:
                 flops_per_step, limit = _count_step_cost(
-                    train_step, state, batch, model, tx, schedule, config, layout, writer, workdir
+                    train_step, state, batch, model, tx, schedule, config, layout, writer, workdir, max_segment_len
                 )
                 window_start = time.perf_counter()  # the window times training steps, not the count
             profiler.before_step(step)

@@ -14,6 +14,8 @@ Where the count comes from (`perf/flops_source` in the run's printout):
   shapes in tests/test_flops.py it is within 2% of the compiled count.
 Tokens per step count every position of every row, padding included: the program runs them all.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,8 +29,9 @@ def _has_loops(model, config) -> bool:
     return bool(getattr(model.cfg, "scan_layers", False)) or config.optim.grad_accum > 1
 
 
-def train_step_flops(train_step, state, batch, model, tx, schedule, config, layout) -> tuple[float, str]:
-    """(FLOPs of one optimizer step, source). Compiles the real step when that gives the count."""
+def train_step_flops(train_step, state, batch, model, tx, schedule, config, layout, max_segment_len=0) -> tuple[float, str]:
+    """(FLOPs of one optimizer step, source). Compiles the real step when that gives the count.
+    `max_segment_len`: the promise the training step passes the model (block skipping)."""
     if layout.mesh.size == 1 and not _has_loops(model, config):
         with layout.context():
             compiled = train_step.jitted.lower(state, batch).compile()
@@ -37,7 +40,8 @@ def train_step_flops(train_step, state, batch, model, tx, schedule, config, layo
     abstract_state = jax.eval_shape(init_state_fn(unrolled, tx, config.train.seq_len), jax.random.PRNGKey(0))
     abstract_batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
     probes = config.logging.get("probes_every", 0) > 0
-    counting_step = make_train_step(unrolled.apply, tx, schedule, 1, probes=probes)
+    apply_fn = functools.partial(unrolled.apply, max_segment_len=max_segment_len)
+    counting_step = make_train_step(apply_fn, tx, schedule, 1, probes=probes)
     analysis = counting_step.lower(abstract_state, abstract_batch).cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]
@@ -57,11 +61,11 @@ def flops_limit(config) -> tuple[float | None, str]:
     return peak * jax.device_count(), f"{device.device_kind} {dtype} peak x {jax.device_count()}"
 
 
-def step_cost_metrics(train_step, state, batch, model, params, tx, schedule, config, layout) -> dict:
+def step_cost_metrics(train_step, state, batch, model, params, tx, schedule, config, layout, max_segment_len=0) -> dict:
     """The start-of-run perf metrics (FLOPs per step and per token, compiled and analytic)."""
     t = config.train
-    counted, source = train_step_flops(train_step, state, batch, model, tx, schedule, config, layout)
-    analytic, how = flops_lib.analytic_train_flops(model, params, t.batch_size, t.seq_len)
+    counted, source = train_step_flops(train_step, state, batch, model, tx, schedule, config, layout, max_segment_len)
+    analytic, how = flops_lib.analytic_train_flops(model, params, t.batch_size, t.seq_len, max_segment_len)
     return {
         "perf/flops_per_step": counted,
         "perf/flops_per_token": counted / (t.batch_size * t.seq_len),
