@@ -155,9 +155,11 @@ def to_json(config) -> str:
 
 
 # Keys that may change when a workdir is resumed; anything else would silently mix two runs.
-# `parallel` may change: checkpoints restore onto any mesh.
+# `parallel` may change: checkpoints restore onto any mesh. `model.attention_block` computes the
+# same attention (only the f32 summation order differs), and runs saved before it existed lack it.
 RESUMABLE_CHANGES = (
     "logging", "checkpoint", "parallel", "train.steps", "train.stop_when", "train.log_every", "train.eval_every",
+    "model.attention_block",
 )
 
 

@@ -176,3 +176,8 @@ def test_resuming_with_a_different_model_is_a_clear_error(tmp_path):
         train(tiny_facts_config(**{"model.dim": 64}), tmp_path)
     # Changing only the length of training (or logging) resumes.
     assert train(tiny_facts_config(**{"train.steps": 6}), tmp_path)["step"] == 6
+    # So does a run saved before model.attention_block existed (same arithmetic up to f32 order).
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["model"]["attention_block"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert train(tiny_facts_config(**{"train.steps": 8}), tmp_path)["step"] == 8
