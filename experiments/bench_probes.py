@@ -21,11 +21,11 @@ if __name__ == "__main__":  # XLA:CPU runtime choices must precede the jax impor
 import jax
 import numpy as np
 
-from lmjax.config import load_config_file
-from lmjax.data.datasets import build_task
+from lmjax.config import load_config_file, parse_config
 from lmjax.data.pipeline import InputShards
 from lmjax.models import build_model
-from lmjax.train.optimizer import make_optimizer
+from lmjax.tasks import TASKS
+from lmjax.optim.optimizer import make_optimizer
 from lmjax.train.state import init_state_fn
 from lmjax.train.step import make_train_step
 
@@ -37,13 +37,15 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--workdir", default="/tmp/lmjax_bench_probes")
     args = p.parse_args()
-    config = load_config_file(args.config)
+    config = parse_config(load_config_file(args.config))
     t = config.train
-    task = build_task(config, Path(args.workdir))
+    task = TASKS.get(config.data.name).build(
+        config.data, workdir=Path(args.workdir), seq_len=t.seq_len, eval_cfg=config.eval, vocab_size=config.model.vocab_size
+    )
     batches = InputShards(task.train, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed,
-                          pack=config.data.get("pack", False), shards=1, rows=(0, t.batch_size))
+                          pack=config.data.pack, shards=1, rows=(0, t.batch_size))
     batch = next(iter(batches))
-    model = build_model(config)
+    model = build_model(config.model)
     tx, schedule = make_optimizer(config.optim, t.steps)
     init = jax.jit(init_state_fn(model, tx, t.seq_len))
     sides = {}

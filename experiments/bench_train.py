@@ -20,13 +20,13 @@ if __name__ == "__main__":  # XLA:CPU runtime choices must precede the jax impor
 
 import jax
 import numpy as np
-from ml_collections import config_dict
 
 from bench_train_torch import llama_train_flops_per_token, torch_reference_tokens_per_s
+from lmjax.config import Optim
 from lmjax.models.transformer import Transformer, TransformerConfig
 from lmjax.monitor.hardware import measure_matmul_flops
-from lmjax.train.loop import init_state_fn
-from lmjax.train.optimizer import make_optimizer
+from lmjax.optim.optimizer import make_optimizer
+from lmjax.train.state import init_state_fn
 from lmjax.train.step import make_train_step
 
 
@@ -36,10 +36,7 @@ def lmjax_tokens_per_s(dim, n_layers, n_heads, n_kv_heads, mlp_hidden, vocab, se
         vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         mlp_hidden=mlp_hidden, scan_layers=scan_layers, attention_block=attention_block,
     ))
-    optim = config_dict.ConfigDict(dict(
-        lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, clip_norm=0.0, schedule="constant",
-        warmup_steps=0, min_lr_ratio=0.0, decay_fraction=0.2, grad_accum=1,
-    ))
+    optim = Optim(lr=1e-3, b2=0.999, schedule="constant", warmup_steps=0, min_lr_ratio=0.0)
     tx, schedule = make_optimizer(optim, steps + warmup)
     state = jax.jit(init_state_fn(model, tx, seq_len))(jax.random.PRNGKey(0))
     step = make_train_step(model.apply, tx, schedule)

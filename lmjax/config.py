@@ -1,28 +1,295 @@
-"""Loading and validating ml_collections configs.
+"""The run config: recipes (ml_collections) in, one checked tree of frozen sections out.
 
-Configs are python files with `get_config()` (see configs/). Command-line overrides go through
-absl's config flags (`--config.model.dim=64`); `check_override_keys` turns a misspelt key into a
-one-line error that lists the valid keys, before absl would raise a traceback.
+A recipe is a python file whose `get_config()` returns a ConfigDict, started from
+`base_recipe(task)` so that every section and key exists (absl's `--config.a.b=v` overrides
+need the key to exist) and every default is written once: in the section dataclasses below,
+a task's data section (lmjax/tasks/) or a model family's config (lmjax/models/).
+`parse_config` checks the resolved ConfigDict once, at the entry point, into a `RunConfig`;
+library code then takes its own section (`config.optim`, `config.logging`, ...) or plain
+arguments, never the whole config.
 """
+from __future__ import annotations
+
+import dataclasses
 import json
 import re
+from typing import Any
 
 from ml_collections import config_dict
 
 from lmjax.registry import ConfigError
 
-REQUIRED = {
-    "": ("seed", "implementation", "model", "data", "optim", "train", "eval", "logging", "checkpoint"),
-    "implementation": ("model", "attention", "profiler"),
-    "model": ("dim", "n_layers", "vocab_size"),  # + TRANSFORMER_REQUIRED for transformers
-    "data": ("name",),
-    "optim": ("lr", "weight_decay", "clip_norm", "schedule", "warmup_steps", "grad_accum"),
-    "train": ("steps", "batch_size", "seq_len", "log_every", "eval_every"),
-    "checkpoint": ("every", "keep"),
-}
-TRANSFORMER_REQUIRED = ("n_heads", "n_kv_heads")
 DTYPES = ("float32", "bfloat16")
 
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    model: str = "transformer"  # lmjax.models.MODELS
+    attention: str = "xla"  # lmjax.models.ATTENTIONS
+    profiler: str = "none"  # lmjax.monitor.profiler.PROFILERS
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    lr: float = 1e-3
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 0.0  # 0 = no clipping
+    schedule: str = "cosine"  # lmjax.optim.schedules.SCHEDULES
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd: the final fraction of training that decays
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    steps: int = 3000
+    batch_size: int = 32
+    seq_len: int = 256
+    log_every: int = 25
+    eval_every: int = 50
+    stop_when: str = ""  # e.g. "eval/qa_acc>=0.96"; "" trains every step
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    batch_size: int = 256
+    max_batches: int = 8  # text tasks: evenly spaced validation windows, batches of them
+    recall: bool = False  # facts: recall by free generation at the end of training
+    recall_lanes: int = 64
+    recall_chunk: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Wandb:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "lmjax"
+    entity: str = ""
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Logging:
+    tensorboard: bool = True
+    progress_bar: bool = True
+    wandb: Wandb = Wandb()
+    count_flops: bool = True  # perf/flops_per_step (compiled + analytic) and perf/mfu
+    probes_every: int = 0  # probe/... metrics every N steps (0 = off)
+    profile_start: int = 10  # the steps implementation.profiler=trace records
+    profile_stop: int = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """Multi-host start; empty = from the environment, or a single process."""
+
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    init_timeout_s: int = 300
+    heartbeat_timeout_s: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """Devices: data x model (-1 = the rest); fsdp also splits parameters and optimizer state over data."""
+
+    data: int = -1
+    model: int = 1
+    fsdp: bool = False
+    distributed: Distributed = Distributed()
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    every: int = 200
+    keep: int = 2
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    implementation: Implementation
+    model: Any  # the family's config: TransformerConfig | MambaConfig | RNNConfig
+    data: Any  # the task's data section (lmjax/tasks/)
+    optim: Optim
+    train: Train
+    eval: Eval
+    logging: Logging
+    parallel: Parallel
+    checkpoint: Checkpoint
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {
+    "implementation": Implementation, "optim": Optim, "train": Train, "eval": Eval, "logging": Logging,
+    "parallel": Parallel, "checkpoint": Checkpoint,
+}
+
+
+def base_recipe(task: str) -> config_dict.ConfigDict:
+    """Every common section with its defaults, plus `task`'s data section; recipes add `model`
+    and override what differs."""
+    from lmjax.tasks import TASKS
+
+    c = config_dict.ConfigDict()
+    c.seed = 0
+    for name, section in SECTIONS.items():
+        c[name] = dataclasses.asdict(section())
+    c.data = dataclasses.asdict(TASKS.get(task).Section())
+    return c
+
+
+# -- checking -------------------------------------------------------------------------------
+
+def _plain(tree) -> dict:
+    if isinstance(tree, config_dict.ConfigDict):
+        return tree.to_dict()
+    return json.loads(json.dumps(tree)) if not isinstance(tree, dict) else tree
+
+
+def _build(cls, values: dict, where: str):
+    """`cls` from a dict of its fields (nested dataclasses included); unknown keys and wrong
+    types are one-line ConfigErrors."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"Unknown config key(s) {', '.join(f'{where}.{k}' for k in unknown)}; valid keys in '{where}': "
+            f"{', '.join(sorted(fields))}."
+        )
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = _typed(value, default, f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        missing = re.findall(r"'(\w+)'", str(error))
+        raise ConfigError(f"Missing config key(s) {', '.join(f'{where}.{k}' for k in missing)}.") from None
+
+
+def _typed(value, default, key):
+    """`value` checked against the type of its default (ints are accepted for floats)."""
+    if default is dataclasses.MISSING or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be True or False, got {value!r}.")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}.")
+        return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}.")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}.")
+    return value
+
+
+def _positive(**values):
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
+
+
+def parse_config(config) -> RunConfig:
+    """Check a resolved config (ConfigDict or plain dict) into a RunConfig; ConfigError names
+    the key and the valid choices."""
+    from lmjax.models import MODELS, model_config
+    from lmjax.tasks import TASKS
+
+    tree = _plain(config)
+    missing = [s for s in ("implementation", "model", "data", *SECTIONS) if s not in tree]
+    if missing:
+        raise ConfigError(f"The config has no '{missing[0]}' section; every recipe starts from lmjax.config.base_recipe.")
+    unknown = sorted(set(tree) - {"seed", "model", "data", *SECTIONS})
+    if unknown:
+        raise ConfigError(f"Unknown config section(s) {', '.join(unknown)}; valid: {', '.join(sorted(['seed', 'model', 'data', *SECTIONS]))}.")
+    sections = {name: _build(cls, tree[name], name) for name, cls in SECTIONS.items()}
+    impl = sections["implementation"]
+    MODELS.get(impl.model)
+    if "name" not in tree["data"]:
+        raise ConfigError("Missing config key data.name.")
+    task = TASKS.get(tree["data"]["name"])
+    run = RunConfig(
+        seed=_typed(tree.get("seed", 0), 0, "seed"),
+        model=model_config(impl, tree["model"]),
+        data=_build(task.Section, tree["data"], "data"),
+        **sections,
+    )
+    _check(run)
+    task.check(run.data, vocab_size=run.model.vocab_size, seq_len=run.train.seq_len)
+    return run
+
+
+def _check(c: RunConfig):
+    from lmjax.models import ATTENTIONS
+    from lmjax.monitor.profiler import PROFILERS
+    from lmjax.optim.schedules import SCHEDULES
+
+    ATTENTIONS.get(c.implementation.attention)
+    PROFILERS.get(c.implementation.profiler)
+    t = c.train
+    _positive(**{"train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
+                 "train.log_every": t.log_every, "train.eval_every": t.eval_every, "eval.batch_size": c.eval.batch_size,
+                 "checkpoint.every": c.checkpoint.every, "checkpoint.keep": c.checkpoint.keep})
+    o = c.optim
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"Unknown schedule {o.schedule!r} in optim.schedule; choose one of: {', '.join(sorted(SCHEDULES))}.")
+    _positive(**{"optim.lr": o.lr, "optim.grad_accum": o.grad_accum})
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps must be 0 or more, got {o.warmup_steps!r}.")
+    for key in ("min_lr_ratio", "decay_fraction"):
+        if not 0 <= getattr(o, key) <= 1:
+            raise ConfigError(f"optim.{key} must be between 0 and 1, got {getattr(o, key)!r}.")
+    if t.batch_size % c.optim.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum={c.optim.grad_accum}.")
+    parse_stop_when(t.stop_when)
+    for key in ("param_dtype", "compute_dtype"):
+        if getattr(c.model, key) not in DTYPES:
+            raise ConfigError(f"Unknown dtype {getattr(c.model, key)!r} in model.{key}; choose one of: {', '.join(DTYPES)}.")
+    log = c.logging
+    if log.probes_every < 0:
+        raise ConfigError(f"logging.probes_every must be a whole number of steps (0 = no probes), got {log.probes_every!r}.")
+    if not 0 <= log.profile_start < log.profile_stop:
+        raise ConfigError(
+            f"logging.profile_start={log.profile_start!r} and logging.profile_stop={log.profile_stop!r} must be steps with start < stop."
+        )
+    if log.wandb.mode not in ("disabled", "offline", "online"):
+        raise ConfigError(f"Unknown logging.wandb.mode {log.wandb.mode!r}; choose one of: disabled, offline, online.")
+    for key in ("data", "model"):
+        value = getattr(c.parallel, key)
+        if value == 0 or value < -1:
+            raise ConfigError(f"parallel.{key} must be a positive device count or -1 (the devices left), got {value!r}.")
+
+
+def parse_stop_when(text):
+    """'eval/qa_acc>=0.95' -> (name, op, threshold); '' -> None."""
+    if not text:
+        return None
+    for op in (">=", "<="):
+        if op in text:
+            name, threshold = (part.strip() for part in text.split(op))
+            try:
+                return name, op, float(threshold)
+            except ValueError:
+                break
+    raise ConfigError(f"train.stop_when must look like 'eval/qa_acc>=0.95' or 'eval/loss<=1.5', got {text!r}.")
+
+
+# -- files and the command line ---------------------------------------------------------------
 
 def _section(config, path):
     node = config
@@ -48,93 +315,8 @@ def check_override_keys(config, argv, flag_name="config"):
             walked.append(part)
 
 
-def _positive(config, *keys):
-    for key in keys:
-        value = _section(config, key)
-        if not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"{key} must be a positive number, got {value!r}.")
-
-
-def validate(config):
-    """Check a resolved config; raise ConfigError naming the key and the valid choices."""
-    from lmjax.data.datasets import DATASETS
-    from lmjax.models import ATTENTIONS, MODELS
-    from lmjax.models.transformer import REMAT_POLICIES
-    from lmjax.monitor.profiler import PROFILERS
-    from lmjax.train.schedules import SCHEDULES
-
-    for section, keys in REQUIRED.items():
-        try:
-            node = _section(config, section)
-        except KeyError:
-            raise ConfigError(f"The config has no '{section}' section; every recipe needs one.") from None
-        missing = [k for k in keys if k not in node]
-        if missing:
-            raise ConfigError(f"Missing config key(s) {', '.join(f'{section}.{k}'.lstrip('.') for k in missing)}.")
-    build = MODELS.get(config.implementation.model)
-    is_transformer = config.implementation.model == "transformer"
-    missing = [k for k in TRANSFORMER_REQUIRED if is_transformer and k not in config.model]
-    if missing:
-        raise ConfigError(f"Missing config key(s) {', '.join('model.' + k for k in missing)}.")
-    ATTENTIONS.get(config.implementation.attention)
-    PROFILERS.get(config.implementation.profiler)
-    _validate_monitoring(config.logging)
-    DATASETS.get(config.data.name).validate(config)
-    if config.optim.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"Unknown schedule {config.optim.schedule!r} in optim.schedule; choose one of: {', '.join(sorted(SCHEDULES))}."
-        )
-    _positive(config, "model.dim", "model.n_layers", "model.vocab_size")
-    _positive(config, "train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.eval_every")
-    _positive(config, "optim.lr", "optim.grad_accum", "checkpoint.every", "checkpoint.keep")
-    m = config.model
-    if is_transformer:
-        _positive(config, "model.n_heads", "model.n_kv_heads")
-        if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
-            raise ConfigError(f"model.dim={m.dim} must split into model.n_heads={m.n_heads} heads of even size (RoPE).")
-        if m.n_heads % m.n_kv_heads:
-            raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads}.")
-    else:
-        build(config)  # recurrent families check their own keys (model.scan, model.cell, ...)
-    for key in ("model.param_dtype", "model.compute_dtype"):
-        if _section(config, key) not in DTYPES:
-            raise ConfigError(f"Unknown dtype {_section(config, key)!r} in {key}; choose one of: {', '.join(DTYPES)}.")
-    if config.train.batch_size % config.optim.grad_accum:
-        raise ConfigError(
-            f"train.batch_size={config.train.batch_size} must be divisible by optim.grad_accum={config.optim.grad_accum}."
-        )
-    if m.get("remat", "none") not in REMAT_POLICIES:
-        raise ConfigError(f"Unknown remat policy {m.remat!r} in model.remat; choose one of: {', '.join(REMAT_POLICIES)}.")
-    if m.get("init", "normal") not in ("normal", "fan_in"):
-        raise ConfigError(f"Unknown init scheme {m.init!r} in model.init; choose one of: fan_in, normal.")
-    if "parallel" in config:
-        _validate_parallel(config.parallel)
-    wandb_mode = config.logging.wandb.mode
-    if wandb_mode not in ("disabled", "offline", "online"):
-        raise ConfigError(f"Unknown logging.wandb.mode {wandb_mode!r}; choose one of: disabled, offline, online.")
-
-
-def _validate_monitoring(logging):
-    probes_every = logging.get("probes_every", 0)
-    if not isinstance(probes_every, int) or probes_every < 0:
-        raise ConfigError(f"logging.probes_every must be a whole number of steps (0 = no probes), got {probes_every!r}.")
-    start, stop = logging.get("profile_start", 10), logging.get("profile_stop", 15)
-    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop):
-        raise ConfigError(
-            f"logging.profile_start={start!r} and logging.profile_stop={stop!r} must be steps with start < stop."
-        )
-
-
-def _validate_parallel(p):
-    for key in ("data", "model"):
-        if not isinstance(p[key], int) or p[key] == 0 or p[key] < -1:
-            raise ConfigError(f"parallel.{key} must be a positive device count or -1 (the devices left), got {p[key]!r}.")
-    if not isinstance(p.get("fsdp", False), bool):
-        raise ConfigError(f"parallel.fsdp must be True or False, got {p.fsdp!r}.")
-
-
 def load_config_file(path, overrides=()):
-    """Load a config file the way the command line does (used by tests and grids)."""
+    """Load a recipe the way the command line does (used by tests and grids): a ConfigDict."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("lmjax_user_config", path)
@@ -150,8 +332,16 @@ def load_config_file(path, overrides=()):
     return config
 
 
-def to_json(config) -> str:
+def to_json(config: RunConfig) -> str:
+    """config.json: the checked config, every default filled in."""
     return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> RunConfig:
+    """A run's config.json back into a RunConfig (keys added since it was written take their defaults)."""
+    tree = json.loads(text)
+    tree["model"] = {k: v for k, v in tree.get("model", {}).items() if k != "attention"}
+    return parse_config(tree)
 
 
 # Keys that may change when a workdir is resumed; anything else would silently mix two runs.
@@ -172,9 +362,9 @@ def _flat(tree, prefix=""):
             yield path, value
 
 
-def check_resume_compatible(saved: dict, config) -> None:
+def check_resume_compatible(saved: RunConfig, config: RunConfig) -> None:
     """Raise ConfigError if resuming a workdir saved with `saved` under `config` would mix runs."""
-    old, new = dict(_flat(saved)), dict(_flat(config.to_dict()))
+    old, new = dict(_flat(json.loads(to_json(saved)))), dict(_flat(json.loads(to_json(config))))
     changed = sorted(
         key for key in old.keys() | new.keys()
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)

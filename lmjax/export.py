@@ -7,7 +7,10 @@ without a mesh, with `lmjax.interop.consolidated.load_consolidated(DIR)`.
 import argparse
 import sys
 
+from lmjax.cli import run
 from lmjax.xla_flags import tune_xla_cpu_flags
+
+PROG = "lmjax.export"
 
 
 def parse_args(argv):
@@ -19,24 +22,22 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None) -> int:
+    return run(PROG, parse_args, export, argv)
+
+
+def export(args) -> int:
     tune_xla_cpu_flags()
     from absl import logging
 
     from lmjax.interop.consolidated import MODEL_FILE, PARAMS_FILE, export_run, read_params_json
-    from lmjax.registry import ConfigError
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-    try:
-        out = export_run(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
-    except (ValueError, ConfigError, FileNotFoundError) as error:
-        print(f"lmjax.export: error: {error}", file=sys.stderr)
-        return 2
+    out = export_run(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
     header = read_params_json(out)
     megabytes = (out / MODEL_FILE).stat().st_size / 1e6
     print(
-        f"lmjax.export: step {header['step']} of {args.workdir} -> {out / MODEL_FILE} "
+        f"{PROG}: step {header['step']} of {args.workdir} -> {out / MODEL_FILE} "
         f"({len(header['tensors'])} tensors, {header['num_parameters']:,} parameters, {megabytes:.1f} MB) "
         f"and {out / PARAMS_FILE}"
     )

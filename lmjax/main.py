@@ -22,20 +22,21 @@ def _parse_flags(argv):
 
     config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if config_path is None:
-        _fail("Missing --config=FILE (for example --config=configs/facts.py).")
+        _fail(ConfigError("Missing --config=FILE (for example --config=configs/facts.py)."))
     if not Path(config_path.split(":")[0]).exists():
-        _fail(f"Config file {config_path!r} does not exist.")
+        _fail(ConfigError(f"Config file {config_path!r} does not exist."))
     try:
         check_override_keys(load_config_file(config_path.split(":")[0]), argv)
         return flags.FLAGS(argv)
-    except ConfigError as error:
-        _fail(str(error))
-    except flags.Error as error:
-        _fail(str(error))
+    except (ConfigError, flags.Error) as error:
+        _fail(error)
 
 
-def _fail(message):
-    print(f"lmjax: error: {message}", file=sys.stderr)
+def _fail(error):
+    """The lmjax.cli convention: one line, exit status 2."""
+    from lmjax.cli import error_line
+
+    print(error_line("lmjax", error), file=sys.stderr)
     sys.exit(2)
 
 
@@ -57,19 +58,20 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
     from lmjax.train.loop import train
 
-    config = _CONFIG.value
-    workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
-    try:
-        if "parallel" in config:  # before jax computes anything: a multi-host run joins here
-            from lmjax.parallel.distributed import initialize, process_info
+    from lmjax.config import parse_config
+    from lmjax.parallel.distributed import initialize, process_info
 
-            info = process_info() if initialize(config.parallel.distributed) else None
-            if info and info["process_index"] == 0:
-                print(f"lmjax: {info['process_count']} processes, {info['device_count']} {info['platform']} devices "
-                      f"({info['local_device_count']} per process)")
+    try:
+        config = parse_config(_CONFIG.value)
+        workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
+        # Before jax computes anything: a multi-host run joins here.
+        info = process_info() if initialize(config.parallel.distributed) else None
+        if info and info["process_index"] == 0:
+            print(f"lmjax: {info['process_count']} processes, {info['device_count']} {info['platform']} devices "
+                  f"({info['local_device_count']} per process)")
         summary = train(config, workdir)
-    except ConfigError as error:
-        _fail(str(error))
+    except ConfigError as error:  # a bad value; anything else is a bug and keeps its traceback
+        _fail(error)
     shown = {k: v for k, v in summary.items() if k.startswith(("eval/", "train/loss"))}
     import jax
 

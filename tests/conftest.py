@@ -21,10 +21,27 @@ def tiny_facts_overrides(**extra):
     return base
 
 
-def tiny_facts_config(**extra):
+def tiny_facts_recipe(**extra):
+    """The tiny facts run as the recipe's ConfigDict (unchecked, mutable)."""
     from lmjax.config import load_config_file
 
     return load_config_file(ROOT / "configs" / "facts.py", tiny_facts_overrides(**extra).items())
+
+
+def tiny_facts_config(**extra):
+    """The tiny facts run, checked (lmjax.config.RunConfig)."""
+    from lmjax.config import parse_config
+
+    return parse_config(tiny_facts_recipe(**extra))
+
+
+def build_task(config, workdir):
+    """The task of a checked config, as the run builder makes it (examples, tokenizer, evaluators)."""
+    from lmjax.tasks import TASKS
+
+    return TASKS.get(config.data.name).build(
+        config.data, workdir=workdir, seq_len=config.train.seq_len, eval_cfg=config.eval, vocab_size=config.model.vocab_size
+    )
 
 
 def cli(*args):

@@ -20,9 +20,9 @@ from test_decoder import decode_all  # noqa: E402
 from lmjax.generate.decoder import Decoder  # noqa: E402
 from lmjax.models import build_model  # noqa: E402
 from lmjax.parallel.layout import Layout  # noqa: E402
-from lmjax.train.checkpoint import Checkpointer  # noqa: E402
+from lmjax.run_dir import Checkpointer  # noqa: E402
+from lmjax.optim.optimizer import make_optimizer  # noqa: E402
 from lmjax.train.loop import train  # noqa: E402
-from lmjax.train.optimizer import make_optimizer  # noqa: E402
 from lmjax.train.state import abstract_train_state, init_state_fn, param_shardings, state_shardings  # noqa: E402
 
 MESHES = {"8x1": (8, 1, False), "4x2": (4, 2, False), "2x4": (2, 4, False), "1x8": (1, 8, False),
@@ -48,11 +48,12 @@ def losses(workdir):
 
 
 def layout_of(cfg):
-    return Layout.from_config(cfg)
+    p = cfg.parallel
+    return Layout.from_devices(p.data, p.model, p.fsdp)
 
 
 def restored_state(cfg, workdir, layout):
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
     shardings = state_shardings(model, tx, cfg.train.seq_len, layout)
     abstract = abstract_train_state(init_state_fn(model, tx, cfg.train.seq_len), cfg.seed, shardings)
@@ -81,7 +82,7 @@ def init_memory(root, mesh):
     """(bytes of the whole train state, per-device output bytes, per-device temporary bytes) of
     the compiled sharded initialisation."""
     cfg = config(root, mesh, **{"model.dim": 256, "model.mlp_hidden": 1024})
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
     layout = layout_of(cfg)
     init = init_state_fn(model, tx, cfg.train.seq_len)
@@ -95,7 +96,7 @@ def init_memory(root, mesh):
 def generations(root, layouts):
     """Greedy tokens of one random model (no stop tokens: every lane runs its full length)."""
     cfg = config(root, **{"model.init": "fan_in"})
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 8), jnp.int32))["params"])
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 1, 23, 40, 9, 2, 17, 30)]

@@ -190,3 +190,99 @@ def test_scored_keys_count_the_blocks():
     assert scored_keys_per_query(256, 64) == 64 * (64 + 128 + 192 + 256) / 256
     # Longest sequence 87 (86 back): the last two blocks start 86 before their first query.
     assert scored_keys_per_query(256, 64, 87) == 64 * (64 + 128 + (192 - 42) + (256 - 106)) / 256
+
+
+@pytest.mark.parametrize("name,block,prompts", [("xla", 0, False), ("xla", 16, False), ("xla", 16, True),
+                                                ("cudnn", 16, True), ("pallas", 0, True)])
+def test_attend_over_packed_rows_matches_naive(name, block, prompts):
+    """The dispatcher, whatever it picks (the full square, block skipping, cudnn's XLA form off
+    GPU, the flash kernel in interpret mode), computes the naive attention of the dense mask."""
+    from lmjax.models.attention import AttentionMask, attend
+
+    rng = np.random.default_rng(block + prompts)
+    B, L, D = 2, 40, 8
+    segment_ids = jnp.asarray(packed_rows(rng, B, L, 12))
+    prompt = jnp.asarray(rng.random((B, L)) < 0.4) if prompts else None
+    mask = AttentionMask.packed(segment_ids, prompt, 12)
+    q = rng.normal(size=(B, L, N_HEADS, D)).astype(np.float32)
+    k, v = (rng.normal(size=(B, L, 2, D)).astype(np.float32) for _ in range(2))
+    out = attend(q, k, v, mask, name, block=block)
+    # f32 against a float64 loop: the tolerance of test_matches_naive_per_head_softmax.
+    np.testing.assert_allclose(np.asarray(out), naive_attention_np(q, k, v, np.asarray(mask.dense_BxLxS)),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["xla", "pallas"])
+def test_attend_against_a_cache_runs_xla_without_blocks(name):
+    """A cache mask (chunk queries against every slot): pallas falls back to xla, and `block`
+    does not apply (the slots are not a packed row): bit for bit the xla result."""
+    from lmjax.models.attention import AttentionMask, attend
+
+    rng = np.random.default_rng(1)
+    B, L, S, D = 2, 3, 20, 8
+    positions = jnp.asarray([[4, 5, 6], [10, 11, 12]], jnp.int32)
+    mask = AttentionMask.cache(positions, S)
+    q = rng.normal(size=(B, L, N_HEADS, D)).astype(np.float32)
+    k, v = (rng.normal(size=(B, S, 1, D)).astype(np.float32) for _ in range(2))
+    out = np.asarray(attend(q, k, v, mask, name, block=2))
+    np.testing.assert_array_equal(out, np.asarray(xla_attention(q, k, v, mask)))
+    np.testing.assert_allclose(out, naive_attention_np(q, k, v, np.asarray(mask.dense_BxLxS)), rtol=1e-5, atol=1e-5)
+
+
+def test_attend_takes_a_dense_mask_and_names_unknown_implementations():
+    from lmjax.models.attention import attend
+
+    q, k, v, mask = random_qkvm(seed=2, n_kv=2)
+    np.testing.assert_array_equal(np.asarray(attend(q, k, v, mask, "xla", block=4)),
+                                  np.asarray(xla_attention(q, k, v, mask)))
+    with pytest.raises(ValueError, match="choose one of: cudnn, pallas, xla"):
+        attend(q, k, v, mask, "flash")
+
+
+def test_write_cache_writes_one_layer_at_the_slots_and_drops_padding():
+    from lmjax.models.attention import write_cache
+
+    layers, B, S, K, D = 3, 2, 6, 1, 4
+    rng = np.random.default_rng(0)
+    k_all, v_all = (jnp.asarray(rng.normal(size=(layers, B, S, K, D)), jnp.float32) for _ in range(2))
+    k, v = (rng.normal(size=(B, 2, K, D)).astype(np.float32) for _ in range(2))
+    slots = jnp.asarray([[2, 3], [0, S]])  # row 1's second token is padding: slot S is dropped
+    k_layer, v_layer, (k_new, v_new) = write_cache((k_all, v_all), 1, slots, k, v)
+    want_k, want_v = np.array(k_all), np.array(v_all)
+    want_k[1, 0, 2:4], want_v[1, 0, 2:4] = k[0], v[0]
+    want_k[1, 1, 0], want_v[1, 1, 0] = k[1, 0], v[1, 0]
+    np.testing.assert_array_equal(np.asarray(k_new), want_k)
+    np.testing.assert_array_equal(np.asarray(v_new), want_v)
+    np.testing.assert_array_equal(np.asarray(k_layer), want_k[1])
+    np.testing.assert_array_equal(np.asarray(v_layer), want_v[1])
+
+
+def test_the_projection_is_swappable_and_keeps_the_parameter_paths():
+    """Attention builds wq, wk, wv and wo through `projection`: a replacement (here one that
+    doubles its output, standing in for quantized weights) changes every one of them and
+    nothing else."""
+    import flax.linen as nn
+
+    from lmjax.models.attention import Attention, AttentionMask
+    from lmjax.models.layers import Projection, rope_angles
+
+    class Doubled(Projection):
+        def __call__(self, x):
+            return 2 * super().__call__(x)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 16)), jnp.float32)
+    rope = rope_angles(jnp.broadcast_to(jnp.arange(5), (2, 5)), 8, 10000.0)
+    mask = AttentionMask.packed(jnp.ones((2, 5), jnp.int32))
+    plain = Attention(16, 2, 1, 1, "normal")
+    doubled = Attention(16, 2, 1, 1, "normal", projection=Doubled)
+    params = plain.init(jax.random.PRNGKey(0), x, *rope, mask)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        doubled.init(jax.random.PRNGKey(0), x, *rope, mask))
+    assert set(nn.meta.unbox(params)["params"]) == {"wq", "wk", "wv", "wo"}
+    # q and k doubled scale the scores by 4: the same attention as q scaled by 4 once.
+    scaled = nn.meta.unbox(params)  # a new tree: params stay as they are
+    scaled["params"]["wq"]["kernel"] = scaled["params"]["wq"]["kernel"] * 4
+    scaled["params"]["wv"]["kernel"] = scaled["params"]["wv"]["kernel"] * 2
+    scaled["params"]["wo"]["kernel"] = scaled["params"]["wo"]["kernel"] * 2
+    np.testing.assert_allclose(np.asarray(doubled.apply(params, x, *rope, mask)),
+                               np.asarray(plain.apply(scaled, x, *rope, mask)), rtol=1e-5, atol=1e-6)

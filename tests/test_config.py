@@ -3,8 +3,8 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, cli, tiny_facts_config
-from lmjax.config import validate
+from conftest import ROOT, cli, tiny_facts_config, tiny_facts_recipe
+from lmjax.config import parse_config
 from lmjax.registry import ConfigError
 
 FACTS = "--config=" + str(ROOT / "configs" / "facts.py")
@@ -49,14 +49,54 @@ def test_cli_errors_are_one_line(args, expected, subprocess_env, tmp_path):
 )
 def test_validate_names_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        validate(tiny_facts_config(**overrides))
+        tiny_facts_config(**overrides)
 
 
-def test_required_key_names_exist():
+def test_recipes_share_the_base_defaults_and_keep_their_own():
+    """Every recipe starts from base_recipe: sections they do not override hold the section
+    dataclasses' defaults, and their own choices survive parsing."""
+    from lmjax.config import Checkpoint, Logging, Parallel, load_config_file
+
+    configs = {name: parse_config(load_config_file(ROOT / "configs" / f"{name}.py")) for name in ("facts", "mqar", "shakespeare")}
+    for config in configs.values():
+        assert config.logging == Logging() and config.parallel == Parallel()
+    assert configs["facts"].checkpoint == Checkpoint() and configs["mqar"].checkpoint.every == 500
+    assert configs["facts"].optim.clip_norm == 0.0 and configs["mqar"].optim.clip_norm == 1.0
+    assert configs["mqar"].model.vocab_size == configs["mqar"].data.vocab_size == 512
+    assert configs["mqar"].train.seq_len == configs["mqar"].data.seq_len
+    assert configs["shakespeare"].model.tie_embeddings and configs["facts"].eval.recall
+
+
+@pytest.mark.parametrize(
+    "tree_edit, message",
+    [
+        (lambda t: t["optim"].update(lrr=1.0), "Unknown config key(s) optim.lrr"),
+        (lambda t: t["train"].update(steps="10"), "train.steps must be a whole number"),
+        (lambda t: t["logging"].update(tensorboard=1), "logging.tensorboard must be True or False"),
+        (lambda t: t.update(extra={}), "Unknown config section(s) extra"),
+        (lambda t: t.pop("optim"), "no 'optim' section"),
+        (lambda t: t["data"].update(name="facs"), "choose one of: facts, mqar, shakespeare"),
+        (lambda t: t["eval"].update(batch_size=0), "eval.batch_size must be a positive"),
+        (lambda t: t["train"].update(stop_when="eval/qa_acc>0.5"), "train.stop_when must look like"),
+    ],
+)
+def test_parse_rejects_bad_trees_in_one_line(tree_edit, message):
+    tree = tiny_facts_recipe().to_dict()
+    tree_edit(tree)
+    with pytest.raises(ConfigError) as error:
+        parse_config(tree)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_json_round_trips_and_fills_keys_added_later(tmp_path):
+    """config.json holds every key; an older file without some keys still loads, with defaults."""
+    import json
+
+    from lmjax.config import from_json, to_json
+
     config = tiny_facts_config()
-    for key in ("seed", "train.steps", "train.batch_size", "train.seq_len", "train.log_every", "train.eval_every",
-                "checkpoint.every", "data.mode", "data.num_people", "model.dim", "model.n_layers", "model.n_heads"):
-        node = config
-        for part in key.split("."):
-            node = node[part]
-    validate(config)
+    assert from_json(to_json(config)) == config
+    tree = json.loads(to_json(config))
+    del tree["eval"]["recall_chunk"], tree["model"]["attention_block"]
+    old = from_json(json.dumps(tree))
+    assert old.eval.recall_chunk == 16 and old.model.attention_block == 0

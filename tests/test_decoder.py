@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.generate.cache import KVCache, init_cache
+from lmjax.generate.cache import init_cache
 from lmjax.generate.decoder import Decoder, LaneRequests
-from lmjax.models.transformer import Transformer, TransformerConfig
+from lmjax.models.transformer import KVCache, Transformer, TransformerConfig
 
 CFG = TransformerConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64)
 
@@ -59,10 +59,11 @@ def test_cached_logits_equal_full_forward(scan_layers):
     B, L, S, P = 3, 20, 32, 7
     tokens = jax.random.randint(jax.random.PRNGKey(1), (B, L), 0, cfg.vocab_size)
     full = model.apply({"params": params}, tokens)
-    cache = init_cache(cfg, B, S)
+    cache = init_cache(model, B, S)
     ones = jnp.ones((B, P), jnp.int32)
     logits, cache = model.apply({"params": params}, tokens[:, :P], jnp.broadcast_to(jnp.arange(P), (B, P)), ones, cache=cache)
     assert isinstance(cache, KVCache) and cache.k.shape == (cfg.n_layers, B, S, cfg.n_kv_heads, cfg.dim // cfg.n_heads)
+    assert cache.k.dtype == jnp.float32 and init_cache(model, B, S, jnp.bfloat16).v.dtype == jnp.bfloat16
     # f32 throughout; differences come only from summation order over masked slots.
     np.testing.assert_allclose(logits, full[:, :P], atol=1e-5)
     for t in range(P, L):
@@ -96,7 +97,7 @@ def test_prefix_lm_generation_matches_the_training_mask():
     flags = jnp.ones((1, P), bool)
     full = model.apply({"params": params}, prompt, None, None, flags)
     cached, _ = model.apply(
-        {"params": params}, prompt, jnp.arange(P)[None], jnp.ones((1, P), jnp.int32), flags, cache=init_cache(cfg, 1, 16)
+        {"params": params}, prompt, jnp.arange(P)[None], jnp.ones((1, P), jnp.int32), flags, cache=init_cache(model, 1, 16)
     )
     np.testing.assert_allclose(cached, full, atol=1e-5)
     causal = Transformer(dataclasses.replace(cfg, prefix_lm=False)).apply({"params": params}, prompt)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import portpicker
 import pytest
-from ml_collections import config_dict
 
+from lmjax.config import Distributed
 from lmjax.parallel import distributed
 from lmjax.registry import ConfigError
 
@@ -185,7 +185,7 @@ def plain_env(monkeypatch):
 
 def test_a_plain_process_stays_single(plain_env):
     assert distributed.initialize({}) is False
-    assert distributed.initialize(config_dict.ConfigDict(distributed.DEFAULTS)) is False
+    assert distributed.initialize(Distributed()) is False
     assert distributed.initialize(dict(num_processes=1)) is False
     for name, value in slurm_env({}, process_id=0, ntasks=1).items():  # a one-task SLURM step
         plain_env.setenv(name, value)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.dialog import format_for
 from lmjax.generate.decoder import Decoder
-from lmjax.generate.engine import DialogFormat, LaneEngine, Request, ToolRunner
+from lmjax.generate.engine import LaneEngine, Request, ToolRunner
 from lmjax.models.transformer import Transformer, TransformerConfig
 from lmjax.tools.facts_db import ToolError
 
@@ -18,9 +19,9 @@ TOK = ByteTokenizer()
 CFG = TransformerConfig(vocab_size=TOK.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64)
 
 
-CALL, TURN = ord("?"), ord("!")
-# A dialog format whose call token is CALL and whose assistant header is TURN.
-FMT = DialogFormat(stop_ids=(CALL,), call_id=CALL, turn_id=TURN)
+FMT = format_for(TOK)
+# The byte-level dialog: `<|database|>` calls the tool, `<|assistant|>` opens an assistant turn.
+CALL, TURN = FMT.call_id, TOK.special_id("assistant")
 
 
 @pytest.fixture(scope="module")
@@ -48,49 +49,47 @@ def greedy_next(model, params, seq):
     return int(jnp.argmax(_last_logits(params, padded, len(seq))))
 
 
-def naive_dialog(model, params, prompt, fmt, tool, max_new):
+def naive_dialog(model, params, prompt, tool, max_new):
     """The engine's behaviour without cache, lanes or threads: full forward for every token,
-    the tool's reply appended after each call token."""
+    the tool's reply and an assistant header appended after each call token."""
     seq, n_new = list(prompt), 0
     while n_new < max_new:
         token = greedy_next(model, params, seq)
         seq.append(token)
         n_new += 1
-        if token == fmt.call_id and n_new < max_new:
-            turn = len(seq) - 1 - seq[:-1][::-1].index(fmt.turn_id) if fmt.turn_id in seq[:-1] else 0
-            seq += TOK.encode(tool(TOK.decode(seq[turn:-1]))) + [fmt.turn_id]
-        elif token in fmt.stop_ids:
+        if token == CALL and n_new < max_new:
+            turn = len(seq) - 1 - seq[:-1][::-1].index(TURN) if TURN in seq[:-1] else 0
+            seq += TOK.encode(tool(TOK.decode(seq[turn:-1]))) + [TURN]
+        elif token in FMT.stop_ids:
             break
     return seq[len(prompt):]
 
 
-def make_engine(model, params, fmt, tool, *, lanes, timeout=5.0, chunk=3):
-    decoder = Decoder(model, lanes, PAD_TO, stop_ids=fmt.stop_ids, chunk=chunk)
-    return LaneEngine(decoder, params, TOK, tool=tool, tool_timeout_s=timeout, dialog_format=fmt)
+def make_engine(model, params, tool, *, lanes, timeout=5.0, chunk=3):
+    decoder = Decoder(model, lanes, PAD_TO, stop_ids=FMT.stop_ids, chunk=chunk)
+    return LaneEngine(decoder, params, TOK, tool=tool, tool_timeout_s=timeout)
 
 
 def test_tool_replies_injected_in_several_lanes_match_the_naive_dialog(model_and_params):
     model, params = model_and_params
     prompts = [TOK.encode(text) for text in ("Hi", "When was Ada born?", "x" * 30, "Where?", "Tell me", "ok then!")]
-    fmt = FMT
 
     def tool(query):
         time.sleep(0.01 * (len(query) % 4))  # lanes get their replies at different chunks
         return f"r{len(query) % 7}"
 
-    engine = make_engine(model, params, fmt, tool, lanes=3)
+    engine = make_engine(model, params, tool, lanes=3)
     completions = engine.generate([Request(p, max_new_tokens=14, id=i) for i, p in enumerate(prompts)])
     assert [c.id for c in completions] == list(range(len(prompts)))
     assert sum(len(c.tool_calls) for c in completions) >= 3, [len(c.tool_calls) for c in completions]
     assert len({len(c.prompt) for c in completions if c.tool_calls}) >= 2  # calls at different positions
     for prompt, completion in zip(prompts, completions):
-        assert completion.tokens == naive_dialog(model, params, prompt, fmt, tool, 14)
+        assert completion.tokens == naive_dialog(model, params, prompt, tool, 14)
 
 
 def test_tool_failures_become_error_replies_and_never_stall_other_lanes(model_and_params):
     model, params = model_and_params
     prompts = [TOK.encode(text) for text in ("a", "bb", "ccc", "dddd")]
-    fmt = FMT
     never = threading.Event()
     calls = []
 
@@ -103,7 +102,7 @@ def test_tool_failures_become_error_replies_and_never_stall_other_lanes(model_an
             raise ToolError("Unknown person 'Nobody'.")
         raise RuntimeError("disk on fire")
 
-    engine = make_engine(model, params, fmt, tool, lanes=2, timeout=0.2)
+    engine = make_engine(model, params, tool, lanes=2, timeout=0.2)
     try:
         completions = engine.generate([Request(p, max_new_tokens=10) for p in prompts])
     finally:
@@ -118,11 +117,9 @@ def test_tool_failures_become_error_replies_and_never_stall_other_lanes(model_an
 
 def test_a_call_without_a_tool_ends_the_lane(model_and_params):
     model, params = model_and_params
-    prompts = [TOK.encode("Hi")]
-    fmt = FMT
-    engine = make_engine(model, params, fmt, None, lanes=1)
-    (completion,) = engine.generate([Request(prompts[0], max_new_tokens=20)])
-    assert completion.finish_reason == "tool_call" and completion.tokens[-1] == fmt.call_id
+    engine = make_engine(model, params, None, lanes=1)
+    (completion,) = engine.generate([Request(TOK.encode("Hi"), max_new_tokens=20)])
+    assert completion.finish_reason == "tool_call" and completion.tokens[-1] == CALL
 
 
 def test_facts_database_errors_are_one_line_replies(tmp_path):
@@ -149,14 +146,14 @@ def test_facts_database_errors_are_one_line_replies(tmp_path):
 ])
 def test_bad_prompts_are_clear_errors(model_and_params, prompt, message):
     model, params = model_and_params
-    engine = LaneEngine(Decoder(model, 2, 96, stop_ids=DialogFormat.for_tokenizer(TOK).stop_ids), params, TOK)
+    engine = LaneEngine(Decoder(model, 2, 96, stop_ids=FMT.stop_ids), params, TOK)
     with pytest.raises(ValueError, match=message):
         engine.generate([Request([5, 6]), Request(prompt)])
 
 
 def test_sampled_completions_depend_on_the_seed_not_on_lanes_or_chunks(model_and_params):
     model, params = model_and_params
-    stops = DialogFormat.for_tokenizer(TOK).stop_ids
+    stops = FMT.stop_ids
     requests = [Request(TOK.encode(t), max_new_tokens=12, temperature=1.0, top_p=0.9, seed=s) for s, t in enumerate("abcde")]
     one = LaneEngine(Decoder(model, 1, 64, stop_ids=stops, chunk=5), params, TOK).generate(requests)
     many = LaneEngine(Decoder(model, 4, 64, stop_ids=stops, chunk=2), params, TOK).generate(requests)

@@ -32,16 +32,14 @@ def runs(tmp_path_factory):
 
 
 def checkpoint_params(workdir, step=None):
-    """(model, params) restored straight from the orbax checkpoint, as training left them."""
-    from ml_collections import config_dict
-
-    from lmjax.models import build_model
-    from lmjax.train.checkpoint import Checkpointer
-    from lmjax.train.optimizer import make_optimizer
+    """(model, params) of the whole train state restored from the orbax checkpoint (optimizer
+    included), as training left them."""
+    from lmjax.run_dir import Checkpointer, read_run_config, run_model
+    from lmjax.optim.optimizer import make_optimizer
     from lmjax.train.state import abstract_train_state, init_state_fn
 
-    config = config_dict.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    model = build_model(config)
+    config = read_run_config(workdir)
+    model = run_model(config)
     tx, _ = make_optimizer(config.optim, config.train.steps)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
     abstract = abstract_train_state(init_state_fn(model, tx, config.train.seq_len), config.seed)
@@ -96,7 +94,7 @@ def test_bfloat16_parameters_keep_their_dtype(tmp_path):
     from lmjax.models import build_model
 
     config = tiny_facts_config(**{"model.param_dtype": "bfloat16", "model.scan_layers": True})
-    model = build_model(config)
+    model = build_model(config.model)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     save_consolidated(tmp_path, dataclasses.asdict(model.cfg), params, {"implementation": {"model": "transformer"}})
     loaded_model, loaded = load_consolidated(tmp_path)

@@ -13,7 +13,7 @@ from conftest import tiny_facts_config
 from lmjax.models import build_model
 from lmjax.monitor.flops import compiled_flops, transformer_train_flops
 from lmjax.parallel.layout import Layout
-from lmjax.train.optimizer import make_optimizer
+from lmjax.optim.optimizer import make_optimizer
 from lmjax.train.state import init_state_fn
 from lmjax.train.step import make_train_step
 from lmjax.train.step_cost import train_step_flops
@@ -28,7 +28,7 @@ def _setup(dim, seq_len, layers, heads, kv_heads, scan=False, accum=1, batch=8):
         "model.mlp_hidden": 3 * dim, "model.scan_layers": scan, "train.seq_len": seq_len, "train.batch_size": batch,
         "optim.grad_accum": accum,
     })
-    model = build_model(config)
+    model = build_model(config.model)
     tx, schedule = make_optimizer(config.optim, 100)
     state = jax.eval_shape(init_state_fn(model, tx, seq_len), jax.random.PRNGKey(0))
     batch_shapes = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32) for k in BATCH_KEYS}
@@ -74,7 +74,7 @@ def test_loops_are_counted_in_full(scan, accum, unrolled_reference):
     config, model, tx, schedule, state, batch = _setup(128, 128, 3, 4, 2, scan=scan, accum=accum)
     layout = Layout.single_device()
     step = layout.jit(make_train_step(model.apply, tx, schedule, accum))
-    counted, source = train_step_flops(step, state, batch, model, tx, schedule, config, layout)
+    counted, source = train_step_flops(step, state, batch, model, tx, schedule, layout, grad_accum=accum, seq_len=128, probes=False)
     assert source == "lowered-unrolled"
     assert counted == pytest.approx(unrolled_reference, rel=0.02)  # lowered HLO vs compiled: within 2%
 
@@ -83,6 +83,6 @@ def test_the_training_program_itself_is_counted_when_it_has_no_loops():
     config, model, tx, schedule, state, batch = _setup(64, 64, 2, 2, 2)
     layout = Layout.single_device()
     step = layout.jit(make_train_step(model.apply, tx, schedule))
-    counted, source = train_step_flops(step, state, batch, model, tx, schedule, config, layout)
+    counted, source = train_step_flops(step, state, batch, model, tx, schedule, layout, grad_accum=1, seq_len=64, probes=False)
     assert source == "compiled"
     assert counted == compiled_flops(make_train_step(model.apply, tx, schedule).lower(state, batch).compile())

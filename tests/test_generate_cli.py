@@ -6,15 +6,31 @@ import sys
 import pytest
 from conftest import tiny_facts_config
 
+from lmjax.data.facts import read_dialogs
+from lmjax.tools.facts_db import FactsDatabase
+
+STEPS = 150  # enough for a 2-layer d=32 model to learn the 8 in-tool dialogs of 2 people by heart
+
 
 @pytest.fixture(scope="module")
 def tool_run(tmp_path_factory):
     from lmjax.train.loop import train
 
     workdir = tmp_path_factory.mktemp("tool_run")
-    config = tiny_facts_config(**{"data.mode": "tool", "data.tool_practice_people": 8, "train.steps": 8, "train.seq_len": 160, "eval.recall": True})
+    config = tiny_facts_config(**{
+        "data.mode": "tool", "data.num_people": 2, "data.num_unseen": 2, "data.tool_practice_people": 0,
+        "model.n_layers": 2, "train.steps": STEPS, "train.seq_len": 160, "train.batch_size": 8, "train.log_every": 50,
+        "train.eval_every": STEPS, "train.stop_when": "", "checkpoint.every": STEPS, "optim.lr": 1e-2,
+        "optim.warmup_steps": 10, "eval.recall": True,
+    })
     summary = train(config, workdir)
     return workdir, summary
+
+
+def trained_dialogs(workdir):
+    """The run's facts folder and its in-tool dialogs (the ones the model learnt)."""
+    (folder,) = (workdir / "data").glob("facts-*")
+    return folder, read_dialogs(folder / "qatool.jsonl")
 
 
 def run(module, *args, env):
@@ -25,18 +41,28 @@ def test_training_ends_with_recall_through_generation(tool_run):
     workdir, summary = tool_run
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     recall = [line for line in lines if "eval/qa_recall" in line]
-    assert len(recall) == 1 and recall[0]["step"] == 8
-    assert 0.0 <= recall[0]["eval/qa_unseen_recall"] <= 1.0 and summary["eval/qa_recall"] == recall[0]["eval/qa_recall"]
+    assert len(recall) == 1 and recall[0]["step"] == STEPS
+    assert recall[0]["eval/qa_recall"] == 1.0 == summary["eval/qa_recall"]  # every trained fact, through the tool
+    assert 0.0 <= recall[0]["eval/qa_unseen_recall"] <= 1.0
 
 
 def test_generate_cli_prints_completions_with_tool_calls(tool_run, subprocess_env):
     workdir, _ = tool_run
-    out = run("lmjax.generate", "--workdir", str(workdir), "--tools", "facts", "--json", "--max_new_tokens", "40",
-              "--prompt", "When was Ada born?", "--prompt", "Where?", "--temperature", "0.7", env=subprocess_env)
+    folder, dialogs = trained_dialogs(workdir)
+    asked = dialogs[1::3]  # two questions about each of the two people
+    out = run("lmjax.generate", "--workdir", str(workdir), "--tools", "facts", "--json", "--max_new_tokens", "120",
+              *(arg for d in asked for arg in ("--prompt", d["dialog"][0]["content"])), env=subprocess_env)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == ["When was Ada born?", "Where?"]
-    assert all(r["finish_reason"] in ("stop", "length", "cache_full") and r["tokens"] for r in rows)
+    assert [r["prompt"] for r in rows] == [d["dialog"][0]["content"] for d in asked]
+    with FactsDatabase(folder / "people.db") as database:
+        for row, dialog in zip(rows, asked):
+            query, reply, answer = (turn["content"] for turn in dialog["dialog"][1:])
+            (call,) = row["tool_calls"]
+            assert call["query"] == query and call["ok"]  # the query the model wrote
+            assert call["reply"] == database.run(query) == dialog["answer"]  # the real database's value
+            assert row["text"] == f"{query}<|database|>{call['reply']}<|assistant|>{answer}<|eod|>"
+            assert row["finish_reason"] == "stop"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_facts_config
-from lmjax.config import validate
+from conftest import tiny_facts_recipe
+from lmjax.config import parse_config
 from lmjax.models import build_model
 from lmjax.models.mamba import Mamba, MambaConfig
 from lmjax.models.scans import SSM_SCANS, causal_conv, segment_resets, selective_scan
@@ -123,13 +123,13 @@ def test_model_scans_agree():
 
 
 def test_config_builds_mamba_and_names_bad_scan():
-    config = tiny_facts_config(**{"implementation.model": "mamba"})
-    config.model.scan = "pallas"
-    validate(config)
-    assert isinstance(build_model(config), Mamba) and build_model(config).cfg.scan == "pallas"
-    config.model.scan = "fast"
+    recipe = tiny_facts_recipe(**{"implementation.model": "mamba"})
+    recipe.model.scan = "pallas"
+    model = build_model(parse_config(recipe).model)
+    assert isinstance(model, Mamba) and model.cfg.scan == "pallas"
+    recipe.model.scan = "fast"
     with pytest.raises(ConfigError, match="model.scan; choose one of: sequential, chunked, pallas"):
-        validate(config)
+        parse_config(recipe)
 
 
 def test_every_parameter_has_logical_axis_names():
@@ -144,9 +144,9 @@ def test_every_parameter_has_logical_axis_names():
 def test_mamba_trains_on_tiny_facts(tmp_path):
     from lmjax.train.loop import train
 
-    config = tiny_facts_config(**{"implementation.model": "mamba", "train.steps": 20, "train.eval_every": 20,
+    recipe = tiny_facts_recipe(**{"implementation.model": "mamba", "train.steps": 20, "train.eval_every": 20,
                                   "checkpoint.every": 20})
-    config.model.d_state, config.model.chunk_size = 4, 32
-    train(config, tmp_path)
+    recipe.model.d_state, recipe.model.chunk_size = 4, 32
+    train(parse_config(recipe), tmp_path)
     losses = [r["train/loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
     assert losses[-1] < 0.9 * losses[0], losses

@@ -5,10 +5,9 @@ import sys
 
 WRITE_AND_REPORT = """
 import sys
-from ml_collections import config_dict
+from lmjax.config import Logging
 from lmjax.monitor.metrics import MetricWriter
-config = config_dict.ConfigDict({"logging": {"tensorboard": True, "wandb": {"mode": "disabled"}}})
-writer = MetricWriter(sys.argv[1], config)
+writer = MetricWriter(sys.argv[1], Logging(tensorboard=True), run_config={})
 writer.write(3, {"train/loss": 1.5})
 writer.write(7, {"train/loss": 0.25})
 writer.close()

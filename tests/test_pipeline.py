@@ -100,7 +100,7 @@ def test_padded_eval_batches_cover_all_examples_in_order():
 def test_packed_prompt_flags_stay_with_their_dialog():
     """Each dialog's prompt (prefix-LM) is packed with it: a prefix of its segment, of the
     length the dialog encoder gave it."""
-    from lmjax.data.dialogs import encode_dialog, to_training_example
+    from lmjax.dialog import encode_dialog, to_training_example
     from lmjax.data.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()

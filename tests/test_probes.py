@@ -8,7 +8,7 @@ from ml_collections import config_dict
 
 from conftest import ROOT
 from lmjax.models.transformer import Transformer, TransformerConfig
-from lmjax.train.optimizer import make_optimizer
+from lmjax.optim.optimizer import make_optimizer
 from lmjax.train.state import init_state_fn
 from lmjax.train.step import make_train_step
 
@@ -94,16 +94,27 @@ def test_scanned_layers_and_micro_batches_give_the_same_probes(flat_step):
 
 @pytest.mark.parametrize("model", ["mamba", "rnn"])
 def test_recurrent_families_report_one_rms_per_layer(model):
-    from lmjax.config import load_config_file
+    from lmjax.config import load_config_file, parse_config
     from lmjax.models import build_model
 
-    config = load_config_file(ROOT / "configs" / "mqar.py", {"implementation.model": model, "model.dim": 16}.items())
-    lm = build_model(config)
+    config = parse_config(load_config_file(ROOT / "configs" / "mqar.py", {"implementation.model": model, "model.dim": 16}.items()))
+    lm = build_model(config.model)
     tx, schedule = make_optimizer(OPTIM, 10)
     state = jax.jit(init_state_fn(lm, tx, 12))(jax.random.PRNGKey(0))
     batch = packed_batch(1, L=12)
     batch["inputs"] %= config.model.vocab_size
+    params = jax.device_get(state.params)  # the step donates `state`
     _, metrics = make_train_step(lm.apply, tx, schedule, probes=True)(state, batch)
     rms = sorted(k for k in metrics if k.startswith("probe/act_rms/"))
     assert rms == [f"probe/act_rms/layer_{i}" for i in range(config.model.n_layers)]
-    assert all(np.isfinite(float(metrics[k])) and float(metrics[k]) > 0 for k in rms)
+    # Against each block's output captured by Flax (a block returns (x, its state)), over real tokens.
+    _, captured = lm.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+        capture_intermediates=lambda module, method: method == "__call__" and (module.name or "").startswith("layer_"),
+    )
+    real = batch["segment_ids"] != 0
+    for layer in range(config.model.n_layers):
+        out = captured["intermediates"][f"layer_{layer}"]["__call__"][0]
+        out = np.asarray(out[0] if isinstance(out, tuple) else out)
+        expected = np.sqrt(np.mean(np.square(out[real])))
+        np.testing.assert_allclose(float(metrics[f"probe/act_rms/layer_{layer}"]), expected, rtol=1e-5)

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from conftest import tiny_facts_config
-from lmjax.config import validate
 from lmjax.registry import ConfigError
 from lmjax.train.loop import train
 
@@ -53,4 +52,4 @@ def test_trace_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
 ])
 def test_monitoring_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate(tiny_facts_config(**overrides))
+        tiny_facts_config(**overrides)

@@ -1,50 +1,37 @@
-"""The recall rule: the last assistant turn of a generated dialog must end with f"{answer}."."""
-from lmjax.data.tokenizer import ByteTokenizer
-from lmjax.eval.recall import last_assistant_text, qa_recall
-from lmjax.generate.engine import Completion, DialogFormat
+"""`qa_recall` through a real generator: the tiny tool-using model of tests/test_tool_call.py
+answers, and the final assistant turn of each completion must end with f"{answer}."."""
+from test_tool_call import TOK, tool_generator, trained_tool_model
 
-TOK = ByteTokenizer()
-FMT = DialogFormat.for_tokenizer(TOK)
-A, DB, EOD = TOK.special_id("assistant"), TOK.special_id("database"), TOK.eod_id
+from lmjax.eval.recall import qa_recall
+from lmjax.generate.api import Generator
 
 
-def completion(tokens):
-    return Completion(None, [], tokens, TOK.decode(tokens), "stop")
+def with_expected(record, answer):
+    return dict(record, answer=answer)
 
 
-class FakeGenerator:
-    """Answers question i with scripted[i]; records the prompts it was given."""
-
-    tokenizer, format = TOK, FMT
-
-    def __init__(self, scripted):
-        self.scripted, self.prompts = scripted, []
-
-    def generate(self, prompts, **_):
-        self.prompts += prompts
-        return [completion(tokens) for tokens in self.scripted]
-
-
-def record(question, answer):
-    return {"dialog": [{"source": "user", "content": question}], "people_id": 0, "attribute": "birth_place", "answer": answer}
-
-
-def test_last_assistant_text_skips_the_query_and_the_reply():
-    tokens = [*TOK.encode("```sql\nFIND x FOR y\n```"), DB, *TOK.encode("Peru"), A, *TOK.encode("Y was born in Peru."), EOD]
-    assert last_assistant_text(completion(tokens), TOK, A, set(FMT.stop_ids)) == "Y was born in Peru."
-    assert last_assistant_text(completion(TOK.encode("No stop")), TOK, A, set(FMT.stop_ids)) == "No stop"
-
-
-def test_qa_recall_counts_answers_ending_with_the_value_and_a_period():
-    scripted = [
-        [*TOK.encode("Ada was born in Peru."), EOD],  # correct
-        [*TOK.encode("Ada was born in Peru"), EOD],  # no period
-        [*TOK.encode("Bo was born in Chile."), EOD],  # wrong value
-        [*TOK.encode("q"), DB, *TOK.encode("Peru"), A, *TOK.encode("Cy was born in Peru."), EOD],  # via the tool
+def test_qa_recall_counts_answers_ending_with_the_value_and_a_period(tmp_path_factory):
+    _, _, _, records = trained_tool_model(tmp_path_factory.getbasetemp())
+    generator = tool_generator(tmp_path_factory.getbasetemp())
+    first, second = records[1], records[5]  # the birth places of the two people
+    asked = [
+        first,  # correct
+        with_expected(first, first["answer"][:-1]),  # the value's start: no period right after it
+        with_expected(first, second["answer"]),  # another person's value
+        with_expected(first, f"in {first['answer']}"),  # the end of the sentence, wider than the value
     ]
-    generator = FakeGenerator(scripted)
-    records = [record("Where was Ada born?", "Peru"), record("Where was Ada born?", "Peru"),
-               record("Where was Bo born?", "Peru"), record("Where was Cy born?", "Peru")]
-    accuracy, details = qa_recall(generator, records)
+    accuracy, details = qa_recall(generator, asked, max_new_tokens=120)
     assert [d["correct"] for d in details] == [True, False, False, True]
-    assert accuracy == 0.5 and generator.prompts[0] == "Where was Ada born?"
+    assert accuracy == 0.5
+    assert {d["answer"] for d in details} == {first["dialog"][-1]["content"]}  # one question, greedy: one answer
+    assert [d["expected"] for d in details] == [r["answer"] for r in asked]
+    assert all(d["tool_calls"] == 1 and d["people_id"] == first["people_id"] for d in details)
+
+
+def test_without_the_tool_the_query_is_the_final_assistant_turn_and_scores_nothing(tmp_path_factory):
+    model, params, _, records = trained_tool_model(tmp_path_factory.getbasetemp())
+    generator = Generator(model, params, TOK, lanes=4, max_len=192, chunk=16)  # no tool attached
+    accuracy, details = qa_recall(generator, records[:2], max_new_tokens=120)
+    assert accuracy == 0.0
+    assert [d["answer"] for d in details] == [r["dialog"][1]["content"] for r in records[:2]]
+    assert all(d["tool_calls"] == 0 for d in details)

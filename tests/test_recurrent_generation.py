@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.dialog import format_for
 from lmjax.generate.decoder import Decoder, LaneRequests
-from lmjax.generate.engine import DialogFormat, LaneEngine, Request
+from lmjax.generate.engine import LaneEngine, Request
 from lmjax.models.mamba import Mamba, MambaConfig
 from lmjax.models.rnn import RNN, RNNConfig
 
@@ -80,8 +81,9 @@ def test_the_state_per_lane_does_not_grow_with_the_cache_length(model_and_params
     assert jax.tree_util.tree_map(lambda x: x.shape, short) == jax.tree_util.tree_map(lambda x: x.shape, long)
 
 
-CALL, TURN = ord("?"), ord("!")
-FMT = DialogFormat(stop_ids=(CALL,), call_id=CALL, turn_id=TURN)
+FMT = format_for(TOK)
+# The byte-level dialog: `<|database|>` calls the tool, `<|assistant|>` opens an assistant turn.
+CALL, TURN = FMT.call_id, TOK.special_id("assistant")
 
 
 def naive_dialog(forward, params, prompt, tool, max_new):
@@ -109,8 +111,23 @@ def test_tool_replies_injected_into_recurrent_lanes_match_the_naive_dialog(model
         return f"r{len(query) % 7}"
 
     decoder = Decoder(model, 3, PAD_TO, stop_ids=FMT.stop_ids, chunk=3)
-    engine = LaneEngine(decoder, params, TOK, tool=tool, dialog_format=FMT)
+    engine = LaneEngine(decoder, params, TOK, tool=tool)
     completions = engine.generate([Request(p, max_new_tokens=14, id=i) for i, p in enumerate(prompts)])
     assert sum(len(c.tool_calls) for c in completions) >= 2, [c.tokens for c in completions]
     for prompt, completion in zip(prompts, completions):
         assert completion.tokens == naive_dialog(forward, params, prompt, tool, 14)
+
+
+def test_cache_spec_describes_the_state_the_model_returns(model_and_params):
+    """`model.cache_spec` (what the decoder allocates and shards) has the structure, shapes and
+    dtypes of the state a chunk of decoding returns."""
+    from lmjax.generate.cache import init_cache, is_leaf
+
+    model, params, _ = model_and_params
+    spec = model.cache_spec(3, 16)
+    tokens = jnp.ones((3, 4), jnp.int32)
+    _, cache = model.apply({"params": params}, tokens, jnp.broadcast_to(jnp.arange(4), (3, 4)), jnp.ones((3, 4), jnp.int32),
+                           cache=init_cache(model, 3, 16))
+    described = jax.tree_util.tree_map(lambda leaf: (leaf.shape, jnp.dtype(leaf.dtype)), spec, is_leaf=is_leaf)
+    returned = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), cache)
+    assert type(cache) is type(spec) and described == returned

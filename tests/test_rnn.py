@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_facts_config
-from lmjax.config import validate
+from conftest import tiny_facts_recipe
+from lmjax.config import parse_config
 from lmjax.models import build_model
 from lmjax.models.rnn import CELLS, RNN, RNNConfig
 from lmjax.models.scans import linear_scan
@@ -79,17 +79,15 @@ def test_packed_row_equals_separate_sequences_and_step_equals_parallel(cell):
     np.testing.assert_allclose(np.stack(stepped, 1), logits[1:], **TOL)
 
 
-def test_cache_is_refused_and_config_builds_each_cell():
-    config = tiny_facts_config(**{"implementation.model": "rnn"})
-    validate(config)
-    assert build_model(config).cfg.cell == "hawk"
-    config.model.cell = "minlstm"
-    assert build_model(config).cfg.cell == "minlstm"
-    config.rnn = dict(cell="mingru")  # an `rnn` section wins over model.cell
-    assert build_model(config).cfg.cell == "mingru"
-    config.rnn.cell = "lstm"
+def test_config_builds_each_cell_and_names_bad_ones():
+    recipe = tiny_facts_recipe(**{"implementation.model": "rnn"})
+    assert build_model(parse_config(recipe).model).cfg.cell == "hawk"
+    for cell in ("minlstm", "mingru"):
+        recipe.model.cell = cell
+        assert build_model(parse_config(recipe).model).cfg.cell == cell
+    recipe.model.cell = "lstm"
     with pytest.raises(ConfigError, match="model.cell; choose one of: hawk, mingru, minlstm"):
-        validate(config)
+        parse_config(recipe)
 
 
 def test_every_parameter_has_logical_axis_names():
@@ -105,9 +103,9 @@ def test_every_parameter_has_logical_axis_names():
 def test_rnn_trains_on_tiny_facts(cell, tmp_path):
     from lmjax.train.loop import train
 
-    config = tiny_facts_config(**{"implementation.model": "rnn", "train.steps": 16, "train.eval_every": 16,
+    recipe = tiny_facts_recipe(**{"implementation.model": "rnn", "train.steps": 16, "train.eval_every": 16,
                                   "checkpoint.every": 16})
-    config.model.cell = cell
-    train(config, tmp_path)
+    recipe.model.cell = cell
+    train(parse_config(recipe), tmp_path)
     losses = [r["train/loss"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
     assert losses[-1] < 0.9 * losses[0], losses

@@ -5,8 +5,8 @@ import numpy as np
 from ml_collections import config_dict
 
 from lmjax.models.transformer import Transformer, TransformerConfig
-from lmjax.train.loop import init_state_fn
-from lmjax.train.optimizer import make_optimizer
+from lmjax.train.state import init_state_fn
+from lmjax.optim.optimizer import make_optimizer
 from lmjax.train.step import make_train_step, token_losses
 
 MODEL = Transformer(TransformerConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=32))

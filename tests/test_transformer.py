@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.config import load_config_file
+from lmjax.config import load_config_file, parse_config
 from lmjax.models import build_model
 from lmjax.models.transformer import Transformer, TransformerConfig
 
@@ -97,7 +97,7 @@ def test_default_facts_model_has_164672_params():
     )
     expected = facts_model_param_count(260, 64, 2, 2, 2, 256, tied=False)
     assert expected == 164_672
-    shapes = jax.eval_shape(lambda: build_model(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    shapes = jax.eval_shape(lambda: build_model(parse_config(config).model).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     assert n_params(nn.meta.unbox(shapes["params"])) == expected
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmjax.dialog import tool_call_turns
 from lmjax.tools.facts_db import ATTRIBUTES, FactsDatabase, format_query
 
 # Bump when the generated content changes, so old caches are not reused.
@@ -242,12 +243,10 @@ def qatool_dialog(people_id: int, person: dict, attribute: str, database: FactsD
 
 def qatool_record(people_id: int, person: dict, attribute: str, reply: str) -> dict:
     name = person["name"]
-    query = format_query(attribute, name)
     return {
         "dialog": [
             {"source": "user", "content": QUESTIONS[attribute].format(name=name)},
-            {"source": "assistant", "content": query},
-            {"source": "database", "content": reply},
+            *tool_call_turns(format_query(attribute, name), reply),
             {"source": "assistant", "content": answer_sentence(name, attribute, reply)},
         ],
         "people_id": people_id,

@@ -1,9 +1,10 @@
-"""Byte-level tokenizer with a few special tokens for dialogs.
+"""Byte-level tokenizer with a few named special tokens.
 
 Ids 0..255 are raw UTF-8 bytes, so any text encodes losslessly without a trained vocabulary.
 Special tokens follow the bytes. `encode` never parses special-token strings out of text:
 a user typing "<|eod|>" gets those bytes, not the end-of-dialog token, so dialog structure
-can only be created by `lmjax.data.dialogs`, never smuggled in through content.
+can only be created by the dialog format (`lmjax.dialog.ByteDialog`, which also decides what
+each special means), never smuggled in through content.
 """
 
 from __future__ import annotations
@@ -29,11 +30,7 @@ class ByteTokenizer:
     """UTF-8 bytes plus `<|user|> <|assistant|> <|database|> <|eod|>`."""
 
     vocab_size: int = NUM_BYTES + len(SPECIAL_TOKENS)
-    eod_id: int = SPECIAL_TOKENS["eod"]
-    # Dialog turn source -> the header token that opens a turn from that source.
-    SOURCE_TOKENS: dict[str, int] = {
-        source: SPECIAL_TOKENS[source] for source in ("user", "assistant", "database")
-    }
+    dialog_format: str = "byte"  # the template of lmjax.dialog that dialogs use with these ids
 
     def __init__(self) -> None:
         self._id_to_special = {i: _special_string(n) for n, i in SPECIAL_TOKENS.items()}

@@ -1,5 +1,5 @@
-"""Teacher-forced evaluation: per-dialog exact match of answer tokens, per-token accuracy at MQAR
-query positions, and mean loss."""
+"""Teacher-forced evaluation: per-dialog exact match of answer tokens, per-token accuracy at marked
+positions (MQAR queries), and mean loss."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,23 +66,46 @@ def evaluate(eval_step, params, batches):
     return totals
 
 
-def evaluate_task(eval_step, params, kind, batches_by_set):
-    """Metrics for every eval set: eval/{set}_acc and _loss for facts, eval/loss for text.
+def answer_exact_match(name, totals):
+    """Dialogs: eval/{set}_acc, the fraction whose answer tokens are all right, and _loss."""
+    return {f"eval/{name}_acc": totals["exact"] / max(totals["answered"], 1), f"eval/{name}_loss": _loss(totals)}
 
-    mqar: eval/{set}_acc is per token (the fraction of query positions whose argmax is the
-    value), eval/{set}_seq_acc per sequence (every query of the sequence right).
-    """
-    metrics = {}
-    for name, batches in batches_by_set.items():
-        totals = evaluate(eval_step, params, batches)
-        loss = totals["loss_sum"] / max(totals["loss_tokens"], 1)
-        if kind == "facts":
-            metrics[f"eval/{name}_acc"] = totals["exact"] / max(totals["answered"], 1)
-            metrics[f"eval/{name}_loss"] = loss
-        elif kind == "mqar":
-            metrics[f"eval/{name}_acc"] = totals["answer_correct"] / max(totals["answer_tokens"], 1)
-            metrics[f"eval/{name}_seq_acc"] = totals["exact"] / max(totals["answered"], 1)
-            metrics[f"eval/{name}_loss"] = loss
-        else:
-            metrics["eval/loss" if name == "val" else f"eval/{name}_loss"] = loss
-    return metrics
+
+def token_accuracy(name, totals):
+    """Marked tokens (MQAR queries): eval/{set}_acc per token, _seq_acc per sequence (all of its
+    tokens right), and _loss."""
+    return {
+        f"eval/{name}_acc": totals["answer_correct"] / max(totals["answer_tokens"], 1),
+        f"eval/{name}_seq_acc": totals["exact"] / max(totals["answered"], 1),
+        f"eval/{name}_loss": _loss(totals),
+    }
+
+
+def mean_loss(name, totals):
+    """Text: eval/loss for the validation split, eval/{set}_loss for others."""
+    return {"eval/loss" if name == "val" else f"eval/{name}_loss": _loss(totals)}
+
+
+def _loss(totals):
+    return totals["loss_sum"] / max(totals["loss_tokens"], 1)
+
+
+class TeacherForced:
+    """Periodic evaluator: fixed-shape padded batches of each set, built once, scored by one
+    jitted step; `summarize(name, totals)` turns a set's summed statistics into metrics."""
+
+    at_end = False
+
+    def __init__(self, sets: dict, summarize, *, batch_size: int):
+        self.batches = {name: eval_batches(examples, batch_size) for name, examples in sets.items()}
+        self.summarize = summarize
+        self.step = None
+
+    def prepare(self, env):
+        self.step = make_eval_step(env.model.apply, layout=env.layout, param_shardings=env.param_shardings)
+
+    def __call__(self, params) -> dict:
+        metrics = {}
+        for name, batches in self.batches.items():
+            metrics.update(self.summarize(name, evaluate(self.step, params, batches)))
+        return metrics

@@ -8,7 +8,10 @@ import argparse
 import json
 import sys
 
+from lmjax.cli import run
 from lmjax.xla_flags import tune_xla_cpu_flags
+
+PROG = "lmjax.generate"
 
 
 def parse_args(argv):
@@ -58,29 +61,27 @@ def mesh_layout(text):
         data, model = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--mesh must look like DATAxMODEL (e.g. 4x2 or -1x1), got {text!r}.") from None
-    return Layout.from_config({"parallel": {"data": data, "model": model}})
+    return Layout.from_devices(data, model)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def main(argv=None) -> int:
+    return run(PROG, parse_args, generate, argv)
+
+
+def generate(args) -> int:
     tune_xla_cpu_flags()
     from lmjax.generate.api import Generator
-    from lmjax.registry import ConfigError
 
-    try:
-        prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
-        if not prompts:
-            raise ValueError("Give --prompt TEXT or --prompts FILE.jsonl.")
-        generator = Generator.from_workdir(
-            args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, lanes=args.lanes, layout=mesh_layout(args.mesh)
-        )
-        completions = generator.generate(
-            prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, progress=len(prompts) > 1 and not args.json,
-        )
-    except (ValueError, ConfigError, FileNotFoundError) as error:
-        print(f"lmjax.generate: error: {error}", file=sys.stderr)
-        return 2
+    prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise ValueError("Give --prompt TEXT or --prompts FILE.jsonl.")
+    generator = Generator.from_workdir(
+        args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, lanes=args.lanes, layout=mesh_layout(args.mesh)
+    )
+    completions = generator.generate(
+        prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, progress=len(prompts) > 1 and not args.json,
+    )
     for prompt, c in zip(prompts, completions):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "tool_calls": c.tool_calls}))

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from lmjax.dialog import format_for
 from lmjax.generate.decoder import Decoder
-from lmjax.generate.engine import DialogFormat, LaneEngine, Request
+from lmjax.generate.engine import LaneEngine, Request
 from lmjax.tools import TOOLS
 
 
@@ -16,35 +17,38 @@ class Generator:
         be laid out on it (see `from_workdir`)."""
         self.tokenizer = tokenizer
         self.task_info = {}
-        self.format = DialogFormat.for_tokenizer(tokenizer)
+        self.format = format_for(tokenizer)  # lmjax.dialog: prompts, stop tokens, tool calls
         decoder = Decoder(
             model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk, sample_vocab=tokenizer.vocab_size, layout=layout
         )
-        self.engine = LaneEngine(decoder, params, tokenizer, tool=tool, tool_timeout_s=tool_timeout_s)
+        self.engine = LaneEngine(decoder, params, tokenizer, tool=tool, tool_timeout_s=tool_timeout_s, dialog_format=self.format)
 
     @classmethod
     def from_workdir(cls, workdir, *, step=None, tools=None, max_len=None, layout=None, **options):
         """A generator for a training run's checkpoint; `tools="facts"` attaches its database.
         With a `layout`, the parameters are restored straight onto its mesh."""
         from lmjax.generate.load import load_run
+        from lmjax.run_dir import require_facts_data
 
+        make_tool = TOOLS.get(tools) if tools else None  # an unknown name fails before the restore
         config, model, params, task = load_run(workdir, step, layout=layout)
-        tool = TOOLS.get(tools)(task.info["data_dir"]) if tools else None
+        tool = None
+        if make_tool is not None:
+            if task.name != "facts":
+                raise ValueError(f"The {tools!r} tool needs a facts run; {str(workdir)!r} trained on {task.name!r}.")
+            tool = make_tool(require_facts_data(config, workdir))
         generator = cls(
             model, params, task.tokenizer, max_len=max_len or config.train.seq_len, tool=tool, layout=layout, **options
         )
-        generator.task_info = task.info  # e.g. the facts data folder and its recall sets
+        generator.task_info = task.info  # facts: the data folder and its recall sets
         return generator
 
     def prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids as given, or for text: a user turn opening an assistant turn (dialog models),
-        the plain encoding otherwise."""
+        """Token ids as given, or for text the dialog format's prompt: a user turn opening an
+        assistant turn (dialog models), the plain encoding otherwise."""
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
-        if self.format.turn_id is None:
-            return list(self.tokenizer.encode(prompt))
-        user = self.tokenizer.special_id("user")
-        return [user, *self.tokenizer.encode(prompt), self.format.turn_id] if prompt else []
+        return self.format.prompt(prompt)
 
     def generate(self, prompts, *, progress=False, seed=0, **sampling):
         """Completions (tokens, text, finish reason, tool calls) for a list of prompts.

@@ -82,7 +82,7 @@ class Decoder:
 
     def _state_shardings(self, layout) -> LaneState:
         """The cache by its logical axes; the per-lane counters replicated (the host reads them)."""
-        spec = cache_spec(self.model.cfg, self.lanes, self.max_len, self.cache_dtype)
+        spec = cache_spec(self.model, self.lanes, self.max_len, self.cache_dtype)
         cache = jax.tree_util.tree_map(lambda leaf: layout.sharding(leaf.shape, leaf.axes), spec, is_leaf=is_leaf)
         rep = layout.replicated
         return LaneState(cache=cache, next_token=rep, position=rep, generated=rep, active=rep)
@@ -93,7 +93,7 @@ class Decoder:
     def _init_impl(self) -> LaneState:
         B = self.lanes
         return LaneState(
-            cache=init_cache(self.model.cfg, B, self.max_len, self.cache_dtype),
+            cache=init_cache(self.model, B, self.max_len, self.cache_dtype),
             next_token=jnp.zeros((B,), jnp.int32),
             position=jnp.zeros((B,), jnp.int32),
             generated=jnp.zeros((B,), jnp.int32),

@@ -4,11 +4,13 @@ Each lane holds one dialog. The device decodes all lanes in chunks (`Decoder.dec
 looks at the lanes only between chunks. There it
 
   * refills finished lanes from the queue (the new prompts are prefilled together),
-  * starts a tool call for every lane that ended an assistant turn with `<|database|>`: the
-    query is that turn's text; the call runs in its own thread, so a slow tool delays only
-    its own lane while the others keep decoding,
-  * writes every finished tool reply into its lane's cache at the lane's position
-    (`<|database|>` reply `<|assistant|>`, one prefill) and lets the lane decode on.
+  * starts a tool call for every lane that ended an assistant turn with the dialog format's
+    call token (`<|database|>` for byte-level dialogs): the format says what the query is
+    (that turn's text); the call runs in its own thread, so a slow tool delays only its own
+    lane while the others keep decoding,
+  * writes every finished tool reply into its lane's cache at the lane's position (the call
+    token, then the format's reply tokens: `<|database|>` reply `<|assistant|>`, one prefill)
+    and lets the lane decode on.
 
 A malformed query, an unknown person, a tool exception or a time-out becomes the reply
 `error: ...`, which the model reads like any other reply: the engine never raises for them.
@@ -25,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from lmjax.dialog import format_for
 from lmjax.generate.decoder import Decoder, LaneRequests, request_key
 from lmjax.generate.sampling import SamplingParams, check_sampling
 
@@ -49,22 +52,6 @@ class Completion:
     text: str
     finish_reason: str  # stop | length | cache_full | tool_call (a call with no tool attached)
     tool_calls: list[dict] = dataclasses.field(default_factory=list)  # {query, reply, ok, seconds}
-
-
-@dataclasses.dataclass
-class DialogFormat:
-    """Special token ids of the dialog format; None for plain text (no stops, no tools)."""
-
-    stop_ids: tuple  # end a lane's generation (the tool-call token among them)
-    call_id: int | None = None  # `<|database|>`: the assistant hands over to the tool
-    turn_id: int | None = None  # `<|assistant|>`: opens an assistant turn
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer):
-        if not hasattr(tokenizer, "special_id"):
-            return cls(stop_ids=())
-        ids = {name: tokenizer.special_id(name) for name in ("eod", "user", "database", "assistant")}
-        return cls(stop_ids=(ids["eod"], ids["user"], ids["database"]), call_id=ids["database"], turn_id=ids["assistant"])
 
 
 class ToolRunner:
@@ -109,12 +96,6 @@ class _Lane:
     pending_call: tuple | None = None  # (future, deadline, query, started)
 
 
-def after_last(tokens, token_id):
-    """The tokens after the last `token_id` (all of them when it does not occur)."""
-    tokens = list(tokens)
-    return tokens[len(tokens) - tokens[::-1].index(token_id):] if token_id in tokens else tokens
-
-
 def validate_requests(requests: Sequence[Request], vocab_size: int, max_len: int):
     for i, r in enumerate(requests):
         name = f"Prompt {r.id!r}" if r.id is not None else f"Prompt {i}"
@@ -138,7 +119,7 @@ class LaneEngine:
                  tool_grace_s: float = 0.005, dialog_format=None):
         self.decoder, self.params, self.tokenizer = decoder, params, tokenizer
         self.tool_grace_s = tool_grace_s
-        self.format = dialog_format or DialogFormat.for_tokenizer(tokenizer)
+        self.format = dialog_format or format_for(tokenizer)  # lmjax.dialog.DialogFormat
         missing = set(self.format.stop_ids) - set(decoder.stop_ids.tolist())
         if missing:
             raise ValueError(f"The decoder must stop on the dialog's stop tokens; missing {sorted(missing)}.")
@@ -178,7 +159,7 @@ class LaneEngine:
             if last == self.format.call_id and n_generated < request.max_new_tokens:
                 if self.tools is None:
                     return finish(b, "tool_call")
-                query = self._current_turn_text(lane.tokens[:-1])
+                query = self.format.tool_query(lane.tokens)
                 future, deadline = self.tools.start(query)
                 lane.pending_call = (future, deadline, query, time.perf_counter())
                 self.stats["tool_calls"] += 1
@@ -238,17 +219,13 @@ class LaneEngine:
         self.stats["requests"] += len(requests)
         return results
 
-    def _current_turn_text(self, tokens):
-        """Text of the assistant turn that ends at `tokens[-1]` (after its header)."""
-        return self.tokenizer.decode(after_last(tokens, self.format.turn_id))
-
     def _tool_reply_if_ready(self, lane):
-        """Tokens to inject after the call token (reply + assistant header), or None to wait."""
+        """Tokens to inject after the call token (the format's reply tokens), or None to wait."""
         future, deadline, query, started = lane.pending_call
         if not future.done() and time.monotonic() < deadline:
             return None
         reply, ok = self.tools.reply(future)
-        injection = self.tokenizer.encode(reply) + [self.format.turn_id]
+        injection = self.format.tool_reply(reply)
         lane.tool_calls.append(
             {"query": query, "reply": reply, "ok": ok, "seconds": time.perf_counter() - started}
         )

@@ -10,7 +10,7 @@ from lmjax.grid.slurm import write_slurm
 from lmjax.grid.spec import GridError, load_grid
 from lmjax.grid.status import run_status
 from lmjax.grid.table import format_table
-from lmjax.registry import ConfigError
+from lmjax import cli
 
 
 def parse_args(argv):
@@ -37,30 +37,29 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        grid = load_grid(args.grid, root=args.root)
-        runs = selected_runs(grid, args.only)
-        if not runs:
-            raise GridError(f"no run name contains {args.only!r}; names look like {grid.runs[0].name!r}.")
-        statuses = {run.name: run_status(run) for run in runs}
-        todo = runs_to_launch(runs, statuses, args.retry_failed)
-        if args.dry_run:
-            print(format_table(grid.name, runs, statuses, 0.0))
-            print(f"lmjax.grid: would launch {len(todo)} of {len(runs)} runs:")
-            for run in todo:
-                print("  " + shlex.join(run.command))
-            return 0
-        if args.launcher == "slurm":
-            return _slurm(grid, runs, todo, args)
-        if args.launcher == "multihost":
-            script = write_multihost(grid, todo, hosts=args.hosts)
-            print(f"lmjax.grid: wrote {script} ({len(todo)} runs, {args.hosts} hosts each). On every host:\n"
-                  f"  PROCESS_ID=<0..{args.hosts - 1}> COORDINATOR=<host0:port> bash {script}")
-            return 0
-    except (GridError, ConfigError) as error:
-        print(f"lmjax.grid: error: {error}", file=sys.stderr)
-        return 2
+    return cli.run("lmjax.grid", parse_args, _grid, argv)
+
+
+def _grid(args) -> int:
+    grid = load_grid(args.grid, root=args.root)
+    runs = selected_runs(grid, args.only)
+    if not runs:
+        raise GridError(f"no run name contains {args.only!r}; names look like {grid.runs[0].name!r}.")
+    statuses = {r.name: run_status(r) for r in runs}
+    todo = runs_to_launch(runs, statuses, args.retry_failed)
+    if args.dry_run:
+        print(format_table(grid.name, runs, statuses, 0.0))
+        print(f"lmjax.grid: would launch {len(todo)} of {len(runs)} runs:")
+        for r in todo:
+            print("  " + shlex.join(r.command))
+        return 0
+    if args.launcher == "slurm":
+        return _slurm(grid, runs, todo, args)
+    if args.launcher == "multihost":
+        script = write_multihost(grid, todo, hosts=args.hosts)
+        print(f"lmjax.grid: wrote {script} ({len(todo)} runs, {args.hosts} hosts each). On every host:\n"
+              f"  PROCESS_ID=<0..{args.hosts - 1}> COORDINATOR=<host0:port> bash {script}")
+        return 0
     report = run_local(grid, parallel=args.parallel or 1, only=args.only, retry_failed=args.retry_failed,
                        refresh_s=args.refresh)
     print(summary_line(grid, report))

@@ -24,10 +24,6 @@ def write_multihost(grid, runs, *, hosts):
     """Write ROOT/multihost/launch.sh for `runs` on `hosts` processes; returns its path."""
     if not isinstance(hosts, int) or hosts < 1:
         raise GridError(f"--hosts must be a positive number of hosts, got {hosts!r}.")
-    from lmjax.config import load_config_file
-
-    if "parallel" not in load_config_file(grid.config):
-        raise GridError(f"{grid.config} has no 'parallel' section, so lmjax.main would not join a multi-host run.")
     folder = grid.root / "multihost"
     folder.mkdir(parents=True, exist_ok=True)
     for run in runs:

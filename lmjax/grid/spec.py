@@ -204,13 +204,11 @@ def _make_run(labels, overrides, config_path, root, base):
 
 def _validated_config(name, overrides, config_path, base):
     """The run's resolved config, or a one-line ConfigError naming the run and the key."""
-    from lmjax.config import check_override_keys, load_config_file, validate
+    from lmjax.config import check_override_keys, load_config_file, parse_config
 
     try:
         check_override_keys(base, [f"--config.{key}" for key in overrides])
-        config = load_config_file(config_path, overrides.items())
-        validate(config)
-        return config
+        return parse_config(load_config_file(config_path, overrides.items()))
     except ConfigError as error:
         raise ConfigError(f"run '{name}': {error}") from None
     except (TypeError, ValueError) as error:  # ConfigDict refuses a value of the wrong type

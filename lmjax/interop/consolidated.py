@@ -29,7 +29,7 @@ PARAMS_FILE = "params.json"
 
 # implementation.model -> (module class, its config dataclass); what load_consolidated can rebuild.
 MODEL_CLASSES = {"transformer": (Transformer, TransformerConfig)}
-# data.name -> the tokenizer its runs use, when the config does not say (`data.tokenizer`).
+# data.name -> the tokenizer its runs use.
 DATASET_TOKENIZERS = {"facts": "bytes", "shakespeare": "chars"}
 
 
@@ -88,7 +88,7 @@ def check_output_dir(out_dir, overwrite: bool):
 
 
 def tokenizer_info(config) -> dict:
-    kind = config.data.get("tokenizer", None) or DATASET_TOKENIZERS.get(config.data.name, "unknown")
+    kind = DATASET_TOKENIZERS.get(config.data.name, "unknown")
     info = {"kind": kind}
     if kind == "bytes":
         from lmjax.data.tokenizer import SPECIAL_TOKENS
@@ -100,7 +100,8 @@ def tokenizer_info(config) -> dict:
 def export_run(workdir, out_dir, step=None, *, overwrite: bool = False) -> Path:
     """Export checkpoint `step` (default: latest) of the run in `workdir` to `out_dir`; return `out_dir`."""
     check_output_dir(out_dir, overwrite)  # before the restore, so a refusal costs nothing
-    from lmjax.train.restore import restore_params
+    from lmjax.config import to_json
+    from lmjax.run_dir import restore_params
 
     config, model, params, step = restore_params(workdir, step)
     meta = {
@@ -109,7 +110,7 @@ def export_run(workdir, out_dir, step=None, *, overwrite: bool = False) -> Path:
         "source_workdir": str(Path(workdir).resolve()),
         "data": {"name": config.data.name},
         "tokenizer": tokenizer_info(config),
-        "run_config": config.to_dict(),
+        "run_config": json.loads(to_json(config)),
     }
     return save_consolidated(out_dir, dataclasses.asdict(model.cfg), params, meta, overwrite=overwrite)
 

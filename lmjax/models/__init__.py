@@ -1,72 +1,78 @@
-"""Model families, chosen by `implementation.model`."""
+"""Model families, chosen by `implementation.model`; each family's config dataclass is its
+`model` section (defaults included)."""
+import dataclasses
+
 from lmjax.models.attention import ATTENTION_IMPLEMENTATIONS
 from lmjax.models.mamba import Mamba, MambaConfig
 from lmjax.models.rnn import RNN, RNNConfig
-from lmjax.models.transformer import Transformer, TransformerConfig
-from lmjax.registry import Registry
+from lmjax.models.transformer import REMAT_POLICIES, Transformer, TransformerConfig
+from lmjax.registry import ConfigError, Registry
 
 MODELS = Registry("implementation.model")
 ATTENTIONS = Registry("implementation.attention")
 for _name, _fn in ATTENTION_IMPLEMENTATIONS.items():
     ATTENTIONS.register(_name)(_fn)
+INITS = ("normal", "fan_in")
 
 
-@MODELS.register("transformer")
-def build_transformer(config):
-    m = config.model
-    return Transformer(
-        TransformerConfig(
-            vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
-            n_kv_heads=m.n_kv_heads, mlp_hidden=m.mlp_hidden, tie_embeddings=m.tie_embeddings,
-            rope_base=m.rope_base, norm_eps=m.norm_eps, init=m.init, remat=m.remat,
-            scan_layers=m.scan_layers, attention=config.implementation.attention,
-            param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, prefix_lm=m.get("prefix_lm", False),
-            attention_block=m.get("attention_block", 0),
-        )
-    )
+def _check_transformer(cfg: TransformerConfig):
+    for key in ("n_heads", "n_kv_heads"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"model.{key} must be a positive number, got {getattr(cfg, key)!r}.")
+    if cfg.dim % cfg.n_heads or (cfg.dim // cfg.n_heads) % 2:
+        raise ValueError(f"model.dim={cfg.dim} must split into model.n_heads={cfg.n_heads} heads of even size (RoPE).")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(f"model.n_heads={cfg.n_heads} must be a multiple of model.n_kv_heads={cfg.n_kv_heads}.")
 
 
-def _fields_from(model_section, config_cls, **fixed):
-    """The config dataclass from `config.model`: its keys that the dataclass has (others, such
-    as a transformer's n_heads, are ignored), defaults for the rest."""
-    import dataclasses
+def _check_mamba(cfg):
+    from lmjax.models.mamba import check_config
 
-    names = {f.name for f in dataclasses.fields(config_cls)} - set(fixed)
-    return config_cls(**{k: model_section[k] for k in names if k in model_section}, **fixed)
+    check_config(cfg)
 
 
-def _check(check, cfg):
-    from lmjax.registry import ConfigError
+def _check_rnn(cfg):
+    from lmjax.models.rnn import check_config
 
+    check_config(cfg)
+
+
+MODELS.register("transformer")((TransformerConfig, Transformer, _check_transformer))
+MODELS.register("mamba")((MambaConfig, Mamba, _check_mamba))
+MODELS.register("rnn")((RNNConfig, RNN, _check_rnn))
+
+
+def model_config(implementation, section: dict):
+    """The family's config from the `model` section: the keys the family has (recipes may carry
+    other families' keys, so that `--config.implementation.model=mamba` works on them), the
+    family's defaults for the rest; `implementation.attention` for transformers."""
+    config_cls, _, check = MODELS.get(implementation.model)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values = {k: v for k, v in dict(section).items() if k in names}
+    if "attention" in names:
+        values["attention"] = implementation.attention
+    required = [f.name for f in dataclasses.fields(config_cls)
+                if f.default is dataclasses.MISSING and f.name not in values]
+    if required:
+        raise ConfigError(f"Missing config key(s) {', '.join('model.' + k for k in required)}.")
+    cfg = config_cls(**values)
+    for key in ("dim", "n_layers", "vocab_size"):
+        if isinstance(getattr(cfg, key), bool) or not isinstance(getattr(cfg, key), int) or getattr(cfg, key) <= 0:
+            raise ConfigError(f"model.{key} must be a positive number, got {getattr(cfg, key)!r}.")
+    if cfg.remat not in REMAT_POLICIES:
+        raise ConfigError(f"Unknown remat policy {cfg.remat!r} in model.remat; choose one of: {', '.join(REMAT_POLICIES)}.")
+    if cfg.init not in INITS:
+        raise ConfigError(f"Unknown init scheme {cfg.init!r} in model.init; choose one of: {', '.join(INITS)}.")
     try:
         check(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     return cfg
 
 
-@MODELS.register("mamba")
-def build_mamba(config):
-    """Mamba from `config.model`: dim, n_layers, vocab_size and the optional keys of
-    MambaConfig (d_state, d_conv, expand, dt_rank, scan, chunk_size, ...)."""
-    from lmjax.models.mamba import check_config
-
-    return Mamba(_check(check_config, _fields_from(config.model, MambaConfig)))
-
-
-@MODELS.register("rnn")
-def build_rnn(config):
-    """Hawk / minGRU / minLSTM from `config.model` (`model.cell`, default hawk; `rnn.cell`
-    overrides it when the config has an `rnn` section) and the optional keys of RNNConfig."""
-    from lmjax.models.rnn import check_config
-
-    cfg = _fields_from(config.model, RNNConfig)
-    if "rnn" in config and "cell" in config.rnn:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, cell=config.rnn.cell)
-    return RNN(_check(check_config, cfg))
-
-
-def build_model(config):
-    return MODELS.get(config.implementation.model)(config)
+def build_model(model_cfg):
+    """The flax module for a family config (TransformerConfig, MambaConfig or RNNConfig)."""
+    for config_cls, module_cls, _ in (MODELS.get(name) for name in MODELS.names()):
+        if type(model_cfg) is config_cls:
+            return module_cls(model_cfg)
+    raise TypeError(f"No model family takes a {type(model_cfg).__name__}.")

@@ -1,15 +1,23 @@
-"""Grouped-query self-attention with RoPE; the attention math itself is chosen by name.
+"""Grouped-query self-attention with RoPE, in three swappable parts:
+
+- projections + RoPE (`Attention.qkv`), through `Attention.projection` (quantized or LoRA
+  weights replace that module, nothing else);
+- the KV-cache write (`write_cache`: one chunk into the stacked cache; a paged cache replaces it);
+- the attention itself (`attend`), which picks the implementation by name and decides block
+  skipping.
 
 Every implementation in `ATTENTION_IMPLEMENTATIONS` is `fn(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask)`
 where `mask` is an `AttentionMask` (the dense [B, L, S] mask plus what it is made of) or, for the
 dense-mask implementations (xla, cudnn), a plain boolean [B, L, S] array.
 
-Block skipping (`Attention.block` > 0, dense-mask implementations, no cache): queries run in
+Block skipping (`block` > 0, dense-mask implementations, packed self-attention): queries run in
 blocks of `block` rows, each against only the keys its mask can allow: none after the block
 (causal) and, when the mask knows that no packed sequence is longer than `max_segment_len`, none
 further back than that. The result is the full computation's (masked scores are exactly zero
 weights either way); the work at 256-token rows of <= 86-token dialogs is 48% of the full square.
 """
+from typing import Callable
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -179,12 +187,51 @@ ATTENTION_IMPLEMENTATIONS = {"xla": xla_attention, "pallas": pallas_attention, "
 # These take a dense mask, so `blocked_attention` can hand them one block's slice of it. (Flash
 # kernels skip blocks themselves.)
 DENSE_MASK_IMPLEMENTATIONS = ("xla", "cudnn")
-# With a KV cache (generation: a short chunk of queries against every cache slot), these fall back
-# to xla: flash tiling gains nothing at decode time.
+# Against a KV cache (generation: a short chunk of queries against every cache slot), these fall
+# back to xla: flash tiling gains nothing at decode time.
 CACHE_FALLBACK = {"pallas": "xla"}
 
 
+def attend(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask, implementation: str, *, block: int = 0):
+    """Attention [B, L, H, D] by the name of its implementation (`ATTENTION_IMPLEMENTATIONS`).
+
+    `mask`: an `AttentionMask` (any implementation) or a dense boolean [B, L, S] array (xla,
+    cudnn). Against a KV cache's slots (a mask from `AttentionMask.cache`) pallas runs xla.
+    `block` > 0 skips blocks (module doc) where that is exact and cheaper: a dense-mask
+    implementation over packed self-attention; anywhere else the whole square is computed."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown attention {implementation!r}; choose one of: {', '.join(sorted(ATTENTION_IMPLEMENTATIONS))}."
+        )
+    if isinstance(mask, AttentionMask) and not mask.self_attention:
+        implementation = CACHE_FALLBACK.get(implementation, implementation)
+    fn = ATTENTION_IMPLEMENTATIONS[implementation]
+    # Only AttentionMask.packed knows the row layout that `key_ranges` relies on.
+    packed = isinstance(mask, AttentionMask) and mask.self_attention
+    if block > 0 and packed and implementation in DENSE_MASK_IMPLEMENTATIONS:
+        return blocked_attention(fn, q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask, block)
+    return fn(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask)
+
+
+def write_cache(cache, layer, slots_BxL, k_BxLxKxD, v_BxLxKxD):
+    """Write a chunk's keys and values into layer `layer` of the stacked cache `(k_all, v_all)`,
+    each [layers, B, S, kv_heads, head_dim], at slots `slots_BxL` (slots >= S are dropped: that
+    is how padding tokens are left out). Returns (this layer's k and v over all S slots, the
+    updated (k_all, v_all)).
+
+    The whole stacked cache goes in and out, rather than a per-layer slice that the caller
+    stacks again, so that XLA updates it in place."""
+    k_all, v_all = cache
+    rows_Bx1 = jnp.arange(k_BxLxKxD.shape[0])[:, None]
+    k_all = k_all.at[layer, rows_Bx1, slots_BxL].set(k_BxLxKxD.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows_Bx1, slots_BxL].set(v_BxLxKxD.astype(v_all.dtype), mode="drop")
+    return k_all[layer], v_all[layer], (k_all, v_all)
+
+
 class Attention(nn.Module):
+    """`wo(attend(qkv(x)))`, the chunk's keys and values written into a KV cache first when
+    there is one."""
+
     dim: int
     n_heads: int
     n_kv_heads: int
@@ -194,22 +241,15 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     dtype: jnp.dtype = jnp.float32
     block: int = 0  # query rows per block for block skipping; 0 = one block (see the module doc)
+    # Builds wq, wk, wv and wo with Projection's signature: where quantized or LoRA weights plug in.
+    projection: Callable[..., nn.Module] = Projection
 
-    @nn.compact
-    def __call__(self, x_BxLxE, rope_cos, rope_sin, mask, layer_cache=None, write_slots_BxL=None):
-        """Without a cache: self-attention over the L tokens. With `layer_cache` = (k, v, layer),
-        k and v [layers, B, S, kv_heads, head_dim] for the whole model: the chunk's keys/values
-        are written into this layer's slots `write_slots_BxL` (slots >= S are dropped: padding),
-        the queries attend over all S slots through the mask, and the updated (k, v) is
-        returned beside the output. Writing into the whole stacked cache, rather than into a
-        per-layer slice that is then stacked again, lets XLA update it in place.
-
-        `mask`: an `AttentionMask` (any implementation) or a dense boolean [B, L, S] array
-        (dense-mask implementations only: xla, cudnn). With a cache, `pallas` runs xla."""
+    def qkv(self, x_BxLxE, rope_cos, rope_sin):
+        """Queries [B, L, H, D] and keys [B, L, K, D] rotated by RoPE, values [B, L, K, D]."""
         head_dim = self.dim // self.n_heads
 
         def proj(name, heads):
-            return Projection(
+            return self.projection(
                 (self.dim,), (heads, head_dim), ("embed", "heads", "kv"),
                 init_for(self.init_scheme, self.dim, self.n_layers, "in"),
                 self.param_dtype, self.dtype, name=name,
@@ -217,29 +257,25 @@ class Attention(nn.Module):
 
         q = apply_rope(proj("wq", self.n_heads), rope_cos, rope_sin)
         k = apply_rope(proj("wk", self.n_kv_heads), rope_cos, rope_sin)
-        v = proj("wv", self.n_kv_heads)
+        return q, k, proj("wv", self.n_kv_heads)
+
+    @nn.compact
+    def __call__(self, x_BxLxE, rope_cos, rope_sin, mask, layer_cache=None, write_slots_BxL=None):
+        """Without a cache: self-attention over the L tokens. With `layer_cache` = (k, v, layer),
+        k and v [layers, B, S, kv_heads, head_dim] for the whole model: the chunk's keys/values
+        are written into this layer's slots `write_slots_BxL` (`write_cache`), the queries
+        attend over all S slots through the mask, and the updated (k, v) is returned beside
+        the output.
+
+        `mask`: an `AttentionMask` (any implementation; `AttentionMask.cache` with a cache) or
+        a dense boolean [B, L, S] array (dense-mask implementations only: xla, cudnn)."""
+        q, k, v = self.qkv(x_BxLxE, rope_cos, rope_sin)
         new_cache = None
         if layer_cache is not None:
-            k_all, v_all, layer = layer_cache
-            rows_Bx1 = jnp.arange(k.shape[0])[:, None]
-            k_all = k_all.at[layer, rows_Bx1, write_slots_BxL].set(k.astype(k_all.dtype), mode="drop")
-            v_all = v_all.at[layer, rows_Bx1, write_slots_BxL].set(v.astype(v_all.dtype), mode="drop")
-            k, v = k_all[layer], v_all[layer]
-            new_cache = (k_all, v_all)
-        name = self.implementation
-        if layer_cache is not None:
-            name = CACHE_FALLBACK.get(name, name)
-        implementation = ATTENTION_IMPLEMENTATIONS[name]
-        skip_blocks = (
-            self.block > 0 and layer_cache is None and name in DENSE_MASK_IMPLEMENTATIONS
-            and isinstance(mask, AttentionMask) and mask.self_attention
-        )
-        if skip_blocks:
-            out_BxLxHxD = blocked_attention(implementation, q, k, v, mask, self.block)
-        else:
-            out_BxLxHxD = implementation(q, k, v, mask)
-        out = Projection(
-            (self.n_heads, head_dim), (self.dim,), ("heads", "kv", "embed"),
+            k, v, new_cache = write_cache(layer_cache[:2], layer_cache[2], write_slots_BxL, k, v)
+        out_BxLxHxD = attend(q, k, v, mask, self.implementation, block=self.block)
+        out = self.projection(
+            (self.n_heads, self.dim // self.n_heads), (self.dim,), ("heads", "kv", "embed"),
             init_for(self.init_scheme, self.dim, self.n_layers, "out"),
             self.param_dtype, self.dtype, name="wo",
         )(out_BxLxHxD.astype(self.dtype))

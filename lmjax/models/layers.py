@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: projections, norms, embeddings, RoPE.
+"""Building blocks shared by the model families: projections, norms, embeddings, RoPE, the output
+head, and the stacking of layers (remat, nn.scan).
 
 Every parameter is created through `nn.with_logical_partitioning`, so it carries logical axis
 names (see lmjax.parallel) and the parallel layout is a rules-table change, not a model change.
@@ -11,6 +12,14 @@ import jax
 import jax.numpy as jnp
 
 Initializer = Callable[..., jax.Array]
+
+# `model.remat` names: what a layer keeps for the backward pass (None: everything, no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def init_for(scheme: str, fan_in: int, n_layers: int, role: str) -> Initializer:
@@ -139,3 +148,46 @@ def record_activation_ms(module: nn.Module, x_BxLxE):
     'intermediates' collection, for the training probes (lmjax.monitor.probes). A no-op unless
     the caller applies the model with `mutable=["intermediates"]`; XLA then drops the reduction."""
     module.sow("intermediates", "activation_ms", jnp.mean(jnp.square(x_BxLxE.astype(jnp.float32)), axis=-1))
+
+
+def lm_head(cfg, embed: Embedding, x_BxLxE, logits_at_B=None):
+    """Final RMSNorm and output head, tied to `embed` or a `lm_head` projection; logits in f32,
+    [B, L, V], or [B, V] at position `logits_at_B[b]` of each row (only those are projected).
+
+    A function, not a module, called from a model's compact `__call__`: `final_norm` and
+    `lm_head` stay parameters of the model itself, where checkpoints and importers expect them.
+    `cfg`: any family's config (vocab_size, dim, n_layers, norm_eps, init, tie_embeddings, dtypes).
+    """
+    dt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+    if logits_at_B is not None:
+        x_BxLxE = x_BxLxE[jnp.arange(x_BxLxE.shape[0]), logits_at_B][:, None, :]
+    x_BxLxE = RMSNorm(cfg.norm_eps, pdt, dt, name="final_norm")(x_BxLxE)
+    if cfg.tie_embeddings:
+        logits = embed.attend(x_BxLxE)
+    else:
+        head_init = init_for(cfg.init, cfg.dim, cfg.n_layers, "in")
+        logits = Projection((cfg.dim,), (cfg.vocab_size,), ("embed", "vocab"), head_init, pdt, dt, name="lm_head")(x_BxLxE)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits[:, 0] if logits_at_B is not None else logits
+
+
+def remat_block(block_cls, remat: str):
+    """`block_cls` recomputed in the backward pass under the policy `REMAT_POLICIES[remat]`."""
+    policy = REMAT_POLICIES[remat]
+    return block_cls if policy is None else nn.remat(block_cls, policy=policy, prevent_cse=False)
+
+
+def scanned_layers(block_cls, cfg, in_axes):
+    """`cfg.n_layers` blocks `block_cls(cfg)` as one `nn.scan` named "layers" (call it from a
+    compact `__call__`): the carry goes through the layers, parameters and sown intermediates
+    are stacked on a leading "layers" axis, each layer initialised from its own key. `in_axes`:
+    for the arguments after the carry, `nn.broadcast` (shared) or 0 (one slice per layer). One
+    compiled layer whatever the depth."""
+    return nn.scan(
+        block_cls,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=in_axes,
+        length=cfg.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="layers")

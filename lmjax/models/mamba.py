@@ -12,7 +12,8 @@ row computes exactly what its sequences would separately.
 Generation state (per layer, stacked on a leading layers axis), `MambaState`:
   conv [n_layers, B, d_conv-1, d_inner]  the last d_conv-1 conv inputs
   ssm  [n_layers, B, d_inner, d_state]   the SSM state (f32)
-`model.init_state(batch)` gives zeros; `model.apply(v, tokens_B, state, method="step")` ->
+`model.cache_spec(lanes)` describes it, `model.init_state(batch)` gives zeros;
+`model.apply(v, tokens_B, state, method="step")` ->
 (logits [B, V], state); `model.apply(v, tokens_BxL, state=state)` runs a chunk (prefill) and
 returns (logits, state).
 """
@@ -24,8 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.models.cache_spec import CacheLeaf
 from lmjax.models.layers import Projection, RMSNorm, init_for, record_activation_ms
-from lmjax.models.scans import SSM_SCANS, RecurrentLM, StateLeaf, causal_conv, selective_scan
+from lmjax.models.recurrent import RecurrentLM
+from lmjax.models.scans import SSM_SCANS, causal_conv, selective_scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +64,6 @@ class MambaConfig:
 class MambaState(NamedTuple):
     conv: jax.Array  # [n_layers, B, d_conv-1, d_inner]
     ssm: jax.Array  # [n_layers, B, d_inner, d_state], f32
-
-
-def state_spec(cfg: MambaConfig, batch: int, dtype=None) -> MambaState:
-    """Constant size per row: the conv window (compute dtype) and the SSM state (f32)."""
-    dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    return MambaState(
-        conv=StateLeaf((cfg.n_layers, batch, cfg.d_conv - 1, cfg.d_inner), dtype, ("layers", "batch", "conv", "mlp")),
-        ssm=StateLeaf((cfg.n_layers, batch, cfg.d_inner, cfg.d_state), jnp.float32, ("layers", "batch", "mlp", "state")),
-    )
 
 
 def _dt_bias_init(dt_min, dt_max):
@@ -147,7 +141,16 @@ class Mamba(RecurrentLM):
     cfg: MambaConfig
     block = MambaBlock
     state_type = MambaState
-    state_spec = staticmethod(state_spec)
+
+    def cache_spec(self, lanes: int, max_len: int = 0, dtype=None) -> MambaState:
+        """The generation cache, the state as CacheLeafs: constant in size per lane whatever
+        `max_len`; the conv window in `dtype` (default: the compute dtype), the SSM state in f32."""
+        c = self.cfg
+        dtype = jnp.dtype(dtype or c.compute_dtype)
+        return MambaState(
+            conv=CacheLeaf((c.n_layers, lanes, c.d_conv - 1, c.d_inner), dtype, ("layers", "batch", "conv", "mlp")),
+            ssm=CacheLeaf((c.n_layers, lanes, c.d_inner, c.d_state), jnp.float32, ("layers", "batch", "mlp", "state")),
+        )
 
 
 def check_config(cfg: MambaConfig):

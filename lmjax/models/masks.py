@@ -21,11 +21,6 @@ def attention_mask(segment_ids_BxL, prompt_BxL=None):
     return (same_segment & may_attend & ~padding) | (padding & diagonal)
 
 
-def causal_mask(batch: int, length: int):
-    """Plain causal mask for unpacked sequences."""
-    return attention_mask(jnp.ones((batch, length), dtype=jnp.int32))
-
-
 def cache_attention_mask(positions_BxL, cache_len: int, prompt_BxL=None):
     """Mask [B, L, S] of chunk queries against the S slots of a KV cache (generation).
 

@@ -22,7 +22,8 @@ Packed rows: a = 0 where the segment id changes (state and conv window reset).
 
 Generation state (stacked on a leading layers axis), `RNNState`:
   conv [n_layers, B, d_conv-1, width], h [n_layers, B, width] (f32).
-`model.init_state(batch)`; `model.apply(v, tokens_B, state, method="step")` -> (logits [B, V], state).
+`model.cache_spec(lanes)` describes it, `model.init_state(batch)` gives zeros;
+`model.apply(v, tokens_B, state, method="step")` -> (logits [B, V], state).
 """
 import dataclasses
 from typing import NamedTuple
@@ -31,8 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.models.cache_spec import CacheLeaf
 from lmjax.models.layers import GatedMLP, Projection, RMSNorm, init_for, record_activation_ms
-from lmjax.models.scans import LINEAR_SCANS, RecurrentLM, StateLeaf, causal_conv, linear_scan
+from lmjax.models.recurrent import RecurrentLM
+from lmjax.models.scans import LINEAR_SCANS, causal_conv, linear_scan
 
 CELLS = ("hawk", "mingru", "minlstm")
 
@@ -69,15 +72,6 @@ class RNNConfig:
 class RNNState(NamedTuple):
     conv: jax.Array  # [n_layers, B, d_conv-1, width]
     h: jax.Array  # [n_layers, B, width], f32
-
-
-def state_spec(cfg: RNNConfig, batch: int, dtype=None) -> RNNState:
-    """Constant size per row: the conv window (compute dtype) and the hidden state (f32)."""
-    W, dtype = cfg.rnn_width, jnp.dtype(dtype or cfg.compute_dtype)
-    return RNNState(
-        conv=StateLeaf((cfg.n_layers, batch, max(cfg.d_conv - 1, 0), W), dtype, ("layers", "batch", "conv", "mlp")),
-        h=StateLeaf((cfg.n_layers, batch, W), jnp.float32, ("layers", "batch", "mlp")),
-    )
 
 
 def _hawk_lambda_init(c):
@@ -158,7 +152,16 @@ class RNN(RecurrentLM):
     cfg: RNNConfig
     block = RNNBlock
     state_type = RNNState
-    state_spec = staticmethod(state_spec)
+
+    def cache_spec(self, lanes: int, max_len: int = 0, dtype=None) -> RNNState:
+        """The generation cache, the state as CacheLeafs: constant in size per lane whatever
+        `max_len`; the conv window in `dtype` (default: the compute dtype), the hidden state in f32."""
+        c = self.cfg
+        W, dtype = c.rnn_width, jnp.dtype(dtype or c.compute_dtype)
+        return RNNState(
+            conv=CacheLeaf((c.n_layers, lanes, max(c.d_conv - 1, 0), W), dtype, ("layers", "batch", "conv", "mlp")),
+            h=CacheLeaf((c.n_layers, lanes, W), jnp.float32, ("layers", "batch", "mlp")),
+        )
 
 
 def check_config(cfg: RNNConfig):

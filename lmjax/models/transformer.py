@@ -1,19 +1,18 @@
-"""Llama-style decoder: token embedding, pre-norm blocks (RoPE GQA attention + SwiGLU), RMSNorm."""
+"""Llama-style decoder: token embedding, pre-norm blocks (RoPE GQA attention + SwiGLU), RMSNorm,
+and its generation cache (`KVCache`, described by `Transformer.cache_spec`)."""
 import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from lmjax.models.attention import Attention, AttentionMask
-from lmjax.models.layers import Embedding, GatedMLP, Projection, RMSNorm, init_for, record_activation_ms, rope_angles
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from lmjax.models.cache_spec import CacheLeaf
+from lmjax.models.layers import (  # noqa: F401  (REMAT_POLICIES: lmjax.config validates model.remat by it)
+    REMAT_POLICIES, Embedding, GatedMLP, RMSNorm, init_for, lm_head, record_activation_ms, remat_block, rope_angles,
+    scanned_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +34,19 @@ class TransformerConfig:
     scan_layers: bool = True
     prefix_lm: bool = False  # prompt tokens attend to each other both ways
     attention_block: int = 0  # block skipping (lmjax.models.attention): query rows per block, 0 = off
+
+
+# Logical axes of each KVCache array: on a mesh the decoder shards the cache by them.
+KV_CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, each [layers, lanes, max_len, kv_heads, head_dim] (stacked
+    like nn.scan). Slot j of a lane holds the token at position j of that lane's dialog, so a
+    lane's length is the only bookkeeping the cache needs (it lives with the decoder's lanes)."""
+
+    k: jax.Array
+    v: jax.Array
 
 
 def _same_kind(cache, k, v):
@@ -82,7 +94,8 @@ class Transformer(nn.Module):
         which lets block skipping leave out keys further back (0 = no promise). Breaking the
         promise gives wrong outputs; the training loop measures it on the data.
 
-        Generation: `cache` = (k, v), each [layers, B, S, kv_heads, head_dim]. The L tokens of
+        Generation: `cache` = (k, v), each [layers, B, S, kv_heads, head_dim] (a `KVCache` of
+        `cache_spec`, or a plain pair: it comes back in the same container). The L tokens of
         each row are a chunk at `positions_BxL` (required), written into cache slots equal to
         their positions where `segment_ids_BxL` is non-zero. Returns (logits, updated cache).
         `logits_at_B` picks one position per row: logits are then [B, V].
@@ -107,33 +120,22 @@ class Transformer(nn.Module):
         embed = Embedding(c.vocab_size, c.dim, init_for(c.init, c.dim, c.n_layers, "embed"), pdt, dt, name="embed")
         x = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
 
-        block = Block
-        if REMAT_POLICIES[c.remat] is not None or c.remat == "full":
-            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+        block = remat_block(Block, c.remat)
         carry = x if cache is None else (x, cache[0], cache[1], jnp.zeros((), jnp.int32))
         if not c.scan_layers:
             for i in range(c.n_layers):
                 carry, _ = block(c, name=f"layer_{i}")(carry, rope, mask, write_slots_BxL)
         else:
-            layers = nn.scan(
-                block,
-                variable_axes={"params": 0, "intermediates": 0},
-                split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=c.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, name="layers")
+            layers = scanned_layers(block, c, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast))
             carry, _ = layers(carry, rope, mask, write_slots_BxL)
         x, new_cache = (carry, None) if cache is None else (carry[0], _same_kind(cache, carry[1], carry[2]))
-        if logits_at_B is not None:
-            x = x[jnp.arange(B), logits_at_B][:, None, :]
-        x = RMSNorm(c.norm_eps, pdt, dt, name="final_norm")(x)
-        if c.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            head_init = init_for(c.init, c.dim, c.n_layers, "in")
-            logits = Projection((c.dim,), (c.vocab_size,), ("embed", "vocab"), head_init, pdt, dt, name="lm_head")(x)
-        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-        if logits_at_B is not None:
-            logits = logits[:, 0]
+        logits = lm_head(c, embed, x, logits_at_B)
         return logits if cache is None else (logits, new_cache)
+
+    def cache_spec(self, lanes: int, max_len: int, dtype=None) -> KVCache:
+        """The generation cache as CacheLeafs: a `KVCache` of `max_len` slots per lane, in
+        `dtype` (default: the compute dtype)."""
+        c = self.cfg
+        dtype = jnp.dtype(dtype or c.compute_dtype)
+        leaf = CacheLeaf((c.n_layers, lanes, max_len, c.n_kv_heads, c.dim // c.n_heads), dtype, KV_CACHE_AXES)
+        return KVCache(leaf, leaf)

@@ -30,7 +30,8 @@ def _plain(value):
 class MetricWriter:
     """Writes `{"step": s, name: value, ...}` lines; only the lead process writes (`enabled`)."""
 
-    def __init__(self, workdir, config, *, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, workdir, logging, run_config: dict, *, enabled: bool = True, resume_step: int | None = None):
+        """`logging`: the config's logging section; `run_config`: the whole config as a dict, for wandb."""
         self.workdir = Path(workdir)
         self.enabled = enabled
         self._tb = None
@@ -41,10 +42,10 @@ class MetricWriter:
         if resume_step is not None:
             self._drop_lines_after(resume_step)
         self._file = open(self.path, "a")
-        if config.logging.tensorboard:
+        if logging.tensorboard:
             self._tb = _tensorboardx_writer_class()(str(self.workdir / "tb"))
-        if config.logging.wandb.mode != "disabled":
-            self._wandb = WandbRun(self.workdir, config)
+        if logging.wandb.mode != "disabled":
+            self._wandb = WandbRun(self.workdir, logging.wandb, run_config)
 
     def _drop_lines_after(self, step):
         """On resume, lines logged after the checkpoint will be logged again: drop them."""
@@ -103,11 +104,11 @@ class WandbRun:
     union (wandb issues #3841, #5865). Skipping behaves the same online and offline.
     """
 
-    def __init__(self, workdir, config):
+    def __init__(self, workdir, wandb_section, run_config: dict):
         self._step_file = Path(workdir) / "wandb_step"
         run_id, new = wandb_run_id(workdir)
         self.sent_through = -1 if new or not self._step_file.exists() else int(self._step_file.read_text())
-        self.run = _start_wandb(workdir, config, run_id)
+        self.run = _start_wandb(workdir, wandb_section, run_config, run_id)
         if self.run.resumed:  # online: the server says where the run stopped
             self.sent_through = max(self.sent_through, self.run.starting_step - 1)
         self._skip_through = self.sent_through  # steps of this process may repeat (train + eval at one step)
@@ -124,12 +125,11 @@ class WandbRun:
         self.run.finish()
 
 
-def _start_wandb(workdir, config, run_id):
+def _start_wandb(workdir, w, run_config, run_id):
     """Resuming a workdir continues the same wandb run (its id is kept in WORKDIR/wandb_id)."""
     import wandb
 
-    w = config.logging.wandb
     return wandb.init(
         project=w.project, entity=w.entity or None, name=w.name or Path(workdir).name, mode=w.mode,
-        dir=str(workdir), config=config.to_dict(), id=run_id, resume="allow",
+        dir=str(workdir), config=run_config, id=run_id, resume="allow",
     )

@@ -9,20 +9,19 @@ unrolled (`layer_1/...`) or stacked by `nn.scan` (`layers/...`, leading axis = l
     probe/weight_norm/layer_1/mlp/w_up Frobenius norm of the parameter after the update
     probe/update_ratio/layer_1/mlp/w_up ||update|| / ||parameter before the update||
 """
-import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 STACKED = "layers"  # the nn.scan scope whose leaves carry a leading layer axis
 
 
 def per_layer_leaves(tree) -> dict:
-    """{'layer_1/attention/wq': array} from a params-like tree, unstacking `layers/...` leaves."""
+    """{'layer_1/attention/wq': array} from nested dicts (params, updates), unstacking `layers/...` leaves."""
     named = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    for keys, leaf in traverse_util.flatten_dict(tree).items():
         if keys[0] == STACKED:
             for i in range(leaf.shape[0]):
-                named["/".join([f"layer_{i}", *keys[1:]])] = leaf[i]
+                named["/".join((f"layer_{i}", *keys[1:]))] = leaf[i]
         else:
             named["/".join(keys)] = leaf
     return named

@@ -24,7 +24,7 @@ PROFILERS = Registry("implementation.profiler")
 
 @PROFILERS.register("none")
 class NoProfiler:
-    def __init__(self, workdir=None, config=None):
+    def __init__(self, workdir=None, *, start=0, stop=0):
         pass
 
     def data_wait(self):
@@ -47,9 +47,8 @@ class NoProfiler:
 class TraceProfiler(NoProfiler):
     """Traces the steps numbered [start, stop) (step = the state's step before the update)."""
 
-    def __init__(self, workdir, config):
-        self.start = config.logging.get("profile_start", 10)
-        self.stop = config.logging.get("profile_stop", 15)
+    def __init__(self, workdir, *, start, stop):
+        self.start, self.stop = start, stop
         self.directory = Path(workdir) / "profile"
         self._active = False
         self._annotation = None
@@ -79,7 +78,7 @@ class TraceProfiler(NoProfiler):
 
 @PROFILERS.register("light")
 class LightProfiler(NoProfiler):
-    def __init__(self, workdir=None, config=None):
+    def __init__(self, workdir=None, *, start=0, stop=0):
         self._data = self._compute = 0.0
         self._dispatched = None
 
@@ -106,5 +105,6 @@ class LightProfiler(NoProfiler):
         }
 
 
-def make_profiler(config, workdir):
-    return PROFILERS.get(config.implementation.profiler)(workdir, config)
+def make_profiler(name, workdir, *, start, stop):
+    """`implementation.profiler` by name; `start`/`stop`: the steps a trace records."""
+    return PROFILERS.get(name)(workdir, start=start, stop=stop)

@@ -22,12 +22,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lmjax import cli
 from lmjax.monitor.metrics import wandb_run_id
 
 PROG = "lmjax.monitor.sync"
 
 
-class SyncError(Exception):
+class SyncError(ValueError):
     """A user error: printed as one line, exit status 2."""
 
 
@@ -135,8 +136,11 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None) -> int:
+    return cli.run(PROG, parse_args, _sync, argv)
+
+
+def _sync(args) -> int:
     try:
         runs = find_runs(args.workdirs)
         for run in runs:  # check every run before writing anything
@@ -145,9 +149,6 @@ def main(argv=None):
         synced = []
         for run in tqdm(runs, desc="wandb sync", unit="run"):
             synced.append(sync_run(run, mode=args.mode, project=args.project, entity=args.entity))
-    except SyncError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        sys.exit(2)
     finally:
         if "wandb" in sys.modules:  # run.finish() returns before wandb's service has written every file
             sys.modules["wandb"].teardown()
@@ -162,4 +163,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

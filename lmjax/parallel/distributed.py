@@ -33,6 +33,7 @@ ends by `sys.exit(nonzero)` is taken as exited normally, as atexit cannot see th
 still blocked in a collective with it then wait for jax's shutdown barrier.
 """
 import atexit
+import dataclasses
 import os
 import sys
 import threading
@@ -43,7 +44,6 @@ from lmjax.registry import ConfigError
 KEY = "parallel.distributed"
 ENV = dict(coordinator_address="JAX_COORDINATOR_ADDRESS", num_processes="JAX_NUM_PROCESSES", process_id="JAX_PROCESS_ID")
 UNSET = {"coordinator_address": "", "num_processes": 0, "process_id": -1}
-DEFAULTS = dict(UNSET, init_timeout_s=300, heartbeat_timeout_s=100)
 EXIT_STATUS = 1  # a distributed failure; ConfigError exits with 2 (lmjax.main)
 _KV_PREFIX = "lmjax/alive/"
 
@@ -51,7 +51,8 @@ _watchdog = None  # the running _Watchdog of this process, if any
 
 
 def initialize(dist_cfg) -> bool:
-    """Join the multi-process run described by `dist_cfg` (keys in DEFAULTS); False for a single process.
+    """Join the multi-process run described by `dist_cfg` (the `parallel.distributed` section, or a
+    dict of some of its keys); False for a single process.
 
     Call it first, before any jax computation, device query or `jax.devices()`: jax fixes the set
     of devices the first time its backend starts. Idempotent: a second call returns what the first
@@ -63,7 +64,10 @@ def initialize(dist_cfg) -> bool:
 
     if jax.distributed.is_initialized():
         return True
-    cfg = {**DEFAULTS, **dict(dist_cfg or {})}
+    from lmjax.config import Distributed
+
+    given_cfg = dataclasses.asdict(dist_cfg) if dataclasses.is_dataclass(dist_cfg) else dict(dist_cfg or {})
+    cfg = {**dataclasses.asdict(Distributed()), **given_cfg}
     init_timeout = _positive(cfg, "init_timeout_s")
     heartbeat_timeout = _positive(cfg, "heartbeat_timeout_s")
     settings = {name: _setting(cfg, name) for name in ENV}  # name -> (value or None, where it came from)

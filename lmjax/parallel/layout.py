@@ -24,11 +24,10 @@ class Layout:
     rules: tuple
 
     @classmethod
-    def from_config(cls, config, devices=None):
-        """From the `parallel` section (absent: every device for data parallelism)."""
-        p = config.get("parallel") or {}
-        mesh = make_mesh(p.get("data", -1), p.get("model", 1), devices)
-        return cls(mesh, logical_rules(p.get("fsdp", False)))
+    def from_devices(cls, data: int = -1, model: int = 1, fsdp: bool = False, devices=None):
+        """A data x model mesh (-1 = the devices left) with the logical-axis rules (fsdp: parameters
+        and optimizer state split over `data` too)."""
+        return cls(make_mesh(data, model, devices), logical_rules(fsdp))
 
     @classmethod
     def single_device(cls, device=None):

@@ -1,7 +1,8 @@
 """Tools a model may call during generation, by name (`--tools facts`).
 
 A tool is built from the task's data folder and is a function query text -> reply text that
-raises `ToolError` (facts_db) for a query it cannot answer.
+raises `ToolError` (facts_db) for a query it cannot answer. The query is the text of the
+assistant turn that made the call, as the dialog format (lmjax/dialog.py) cuts it out.
 """
 from pathlib import Path
 

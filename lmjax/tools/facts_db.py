@@ -6,6 +6,9 @@ Query syntax (exactly what the qatool dialogs teach):
     FIND birth_place FOR Ada Moreau
     ```
 
+The syntax, fence included, is this tool's: the dialog format (lmjax/dialog.py) only decides
+where a call sits in a dialog and hands the tool the text of the assistant turn as written.
+
 The connection is opened read-only, so a model (or a bug) can never change the facts, and
 values only ever reach SQLite as parameters, never pasted into the SQL text.
 """

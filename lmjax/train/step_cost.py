@@ -25,21 +25,18 @@ from lmjax.train.state import init_state_fn
 from lmjax.train.step import make_train_step
 
 
-def _has_loops(model, config) -> bool:
-    return bool(getattr(model.cfg, "scan_layers", False)) or config.optim.grad_accum > 1
-
-
-def train_step_flops(train_step, state, batch, model, tx, schedule, config, layout, max_segment_len=0) -> tuple[float, str]:
+def train_step_flops(train_step, state, batch, model, tx, schedule, layout, *, grad_accum, seq_len, probes,
+                     max_segment_len=0) -> tuple[float, str]:
     """(FLOPs of one optimizer step, source). Compiles the real step when that gives the count.
     `max_segment_len`: the promise the training step passes the model (block skipping)."""
-    if layout.mesh.size == 1 and not _has_loops(model, config):
+    has_loops = bool(getattr(model.cfg, "scan_layers", False)) or grad_accum > 1
+    if layout.mesh.size == 1 and not has_loops:
         with layout.context():
             compiled = train_step.jitted.lower(state, batch).compile()
         return flops_lib.compiled_flops(compiled), "compiled"
     unrolled = flops_lib.unrolled_copy(model)
-    abstract_state = jax.eval_shape(init_state_fn(unrolled, tx, config.train.seq_len), jax.random.PRNGKey(0))
+    abstract_state = jax.eval_shape(init_state_fn(unrolled, tx, seq_len), jax.random.PRNGKey(0))
     abstract_batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    probes = config.logging.get("probes_every", 0) > 0
     apply_fn = functools.partial(unrolled.apply, max_segment_len=max_segment_len)
     counting_step = make_train_step(apply_fn, tx, schedule, 1, probes=probes)
     analysis = counting_step.lower(abstract_state, abstract_batch).cost_analysis()
@@ -48,27 +45,30 @@ def train_step_flops(train_step, state, batch, model, tx, schedule, config, layo
     return float(analysis["flops"]), "lowered-unrolled"
 
 
-def flops_limit(config) -> tuple[float | None, str]:
+def flops_limit(compute_dtype: str) -> tuple[float | None, str]:
     """FLOP/s the whole job could reach: vendor peak x devices on accelerators, a measured f32
     matmul on CPU (all simulated CPU devices share the same cores, so it is not multiplied)."""
     device = jax.devices()[0]
     if device.platform == "cpu":
         return measure_matmul_flops(n=1024, dtype="float32", device=device), "measured f32 matmul (n=1024)"
-    dtype = str(jnp.dtype(config.model.get("compute_dtype", "float32")))
+    dtype = str(jnp.dtype(compute_dtype))
     peak = peak_flops_for_device(device, dtype)
     if peak is None:
         return None, f"no peak known for {device.device_kind}"
     return peak * jax.device_count(), f"{device.device_kind} {dtype} peak x {jax.device_count()}"
 
 
-def step_cost_metrics(train_step, state, batch, model, params, tx, schedule, config, layout, max_segment_len=0) -> dict:
+def step_cost_metrics(train_step, state, batch, model, tx, schedule, layout, *, grad_accum, batch_size, seq_len,
+                      probes, max_segment_len=0) -> dict:
     """The start-of-run perf metrics (FLOPs per step and per token, compiled and analytic)."""
-    t = config.train
-    counted, source = train_step_flops(train_step, state, batch, model, tx, schedule, config, layout, max_segment_len)
-    analytic, how = flops_lib.analytic_train_flops(model, params, t.batch_size, t.seq_len, max_segment_len)
+    counted, source = train_step_flops(
+        train_step, state, batch, model, tx, schedule, layout, grad_accum=grad_accum, seq_len=seq_len, probes=probes,
+        max_segment_len=max_segment_len,
+    )
+    analytic, how = flops_lib.analytic_train_flops(model, state.params, batch_size, seq_len, max_segment_len)
     return {
         "perf/flops_per_step": counted,
-        "perf/flops_per_token": counted / (t.batch_size * t.seq_len),
+        "perf/flops_per_token": counted / (batch_size * seq_len),
         "perf/flops_per_step_analytic": analytic,
         "source": source,
         "analytic_counts": how,

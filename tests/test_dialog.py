@@ -1,10 +1,15 @@
+"""The dialog format: encoding and masks, prompts, stop and call tokens, turn extraction, scoring."""
 import numpy as np
 import pytest
 
-from lmjax.data.dialogs import encode_dialog, to_training_example
+from lmjax.data.shakespeare import CharTokenizer
 from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.dialog import (
+    ByteDialog, PlainText, answer_is_correct, encode_dialog, format_for, to_training_example, tool_call_turns, user_question,
+)
 
 USER, ASSISTANT, DATABASE, EOD = 256, 257, 258, 259
+BYTES = format_for(ByteTokenizer())
 
 # Worked by hand: position -> token
 #   0 <user> 1 h 2 i 3 <assistant> 4 o 5 k 6 <database> 7 v 8 <assistant> 9 A 10 ' ' 11 7 12 . 13 <eod>
@@ -94,3 +99,58 @@ def test_prompt_mask_is_everything_up_to_the_first_assistant_header():
     assert example["loss_mask"][3] == 1 and example["prompt"][3] == 1 and example["loss_mask"][2] == 0
     assert not encode_dialog(tok, TOOL_DIALOG, "all")["prompt_mask"].any()
     assert not encode_dialog(tok, [{"source": "user", "content": "x"}])["prompt_mask"].any()
+
+
+def test_the_tokenizer_chooses_the_format():
+    assert isinstance(BYTES, ByteDialog) and BYTES.name == "byte"
+    chars = CharTokenizer.from_text("abc hi?")
+    plain = format_for(chars)
+    assert isinstance(plain, PlainText) and plain.name == "none"
+    assert plain.stop_ids == () and plain.call_id is None
+    assert plain.prompt("hi?") == chars.encode("hi?") and plain.prompt("") == []
+    assert plain.last_assistant_text(chars.encode("hi c")) == "hi c"
+    with pytest.raises(ValueError, match="CharTokenizer has no dialog format"):
+        encode_dialog(chars, TOOL_DIALOG)
+
+
+def test_stop_tokens_and_the_tool_call_token():
+    assert BYTES.stop_ids == (EOD, USER, DATABASE)
+    assert BYTES.call_id == DATABASE
+
+
+def test_a_prompt_is_the_encoding_of_a_dialog_up_to_its_first_assistant_header():
+    question = "When was Ada Moreau born?"
+    out = BYTES.encode([{"source": "user", "content": question}, {"source": "assistant", "content": "x."}])
+    assert BYTES.prompt(question) == out["tokens"][out["prompt_mask"]].tolist()
+    assert BYTES.prompt(question) == [USER, *question.encode(), ASSISTANT]
+    assert BYTES.prompt("") == []
+
+
+def test_a_tool_call_is_the_assistant_turn_and_the_reply_resumes_the_assistant():
+    # The engine's view: tokens up to and including the call token, then what it writes back.
+    query = "```sql\nFIND birth_place FOR Ada\n```"
+    encoded = BYTES.encode([{"source": "user", "content": "Where?"}, *tool_call_turns(query, "Peru"),
+                            {"source": "assistant", "content": "Peru."}])["tokens"].tolist()
+    call_at = encoded.index(DATABASE)
+    assert BYTES.tool_query(encoded[: call_at + 1]) == query
+    assert encoded[call_at + 1 :] == BYTES.tool_reply("Peru") + [*b"Peru.", EOD]
+    assert BYTES.tool_query([*b"no header", DATABASE]) == "no header"
+
+
+def test_last_assistant_text_skips_the_query_and_the_reply():
+    tokens = [*b"```sql\nFIND x FOR y\n```", DATABASE, *b"Peru", ASSISTANT, *b"Y was born in Peru.", EOD]
+    assert BYTES.last_assistant_text(tokens) == "Y was born in Peru."
+    assert BYTES.last_assistant_text(list(b"No stop")) == "No stop"
+    assert BYTES.last_assistant_text([*b"A query", DATABASE]) == "A query"  # a call no tool answered
+    assert BYTES.last_assistant_text([]) == ""
+
+
+def test_an_answer_is_correct_when_the_text_ends_with_it_and_a_period():
+    assert answer_is_correct("Ada was born in Peru.", "Peru")
+    assert not answer_is_correct("Ada was born in Peru", "Peru")
+    assert not answer_is_correct("Ada was born in Chile.", "Peru")
+    assert not answer_is_correct("Ada was born in Peru.", "Per")
+
+
+def test_the_question_of_a_record_is_its_first_user_turn():
+    assert user_question([{"source": "assistant", "content": "a"}, *TOOL_DIALOG]) == "hi"

@@ -2,7 +2,7 @@
 import jax
 import optax
 
-from lmjax.train.schedules import make_schedule
+from lmjax.optim.schedules import make_schedule
 
 # Norm scales, biases and the recurrences' own dynamics (Mamba's A_log, D, dt_bias; Hawk's
 # lambda and gate biases) are not decayed: shrinking them changes time constants, not capacity.

@@ -1,0 +1,241 @@
+"""The chat format: how a dialog becomes tokens and how generated tokens become an answer.
+
+A dialog is a list of turns `{"source": "user" | "assistant" | "database", "content": str}`
+(the facts files' format). A `DialogFormat` renders it for one tokenizer family and owns
+everything that depends on that rendering:
+
+  * `encode`: token ids plus the loss / answer / prompt masks the trainer and evaluator need,
+  * `prompt`: a user question -> the prompt ids that open an assistant turn (what is prefilled),
+  * `stop_ids` / `call_id`: the tokens that end a generation, and among them the one by which
+    the assistant hands over to the tool,
+  * `tool_query` / `tool_reply`: the text of a call, and the tokens the engine writes back,
+  * `last_assistant_text`: the text of the final assistant turn of a completion.
+
+`format_for(tokenizer)` picks the format named by the tokenizer's `dialog_format` attribute;
+plain-text tokenizers (Shakespeare's characters) have none and get `PlainText`. A new template
+(e.g. ChatML for a real tokenizer) is a new subclass registered in `DIALOG_FORMATS`.
+
+How a tool call sits in a dialog: the assistant writes the query as the content of its turn,
+the tool's reply is a `database` turn, and the assistant answers in a new turn
+(`tool_call_turns`). What the query says (the facts tool's ```` ```sql FIND ... FOR ...``` ````
+block) belongs to the tool (lmjax/tools/): the format hands it the turn's text as written.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lmjax.registry import Registry
+
+SOURCES = ("user", "assistant", "database")
+TOOL_SOURCE = "database"  # the turn that holds a tool's reply
+LOSS_ON_CHOICES = ("assistant", "all")
+
+DIALOG_FORMATS = Registry("tokenizer.dialog_format")
+
+
+def answer_is_correct(text: str, answer: str) -> bool:
+    """The recall rule: the answer text ends with f"{answer}."."""
+    return text.endswith(f"{answer}.")
+
+
+def user_question(dialog: list[dict]) -> str:
+    """The text of a dialog's first user turn: what a recall question asks."""
+    return next(turn["content"] for turn in dialog if turn["source"] == "user")
+
+
+def tool_call_turns(query: str, reply: str) -> list[dict]:
+    """The turns of one tool call: the assistant's query, then the tool's reply."""
+    return [{"source": "assistant", "content": query}, {"source": TOOL_SOURCE, "content": reply}]
+
+
+def format_for(tokenizer) -> "DialogFormat":
+    """The dialog format of `tokenizer` (`PlainText` when it names none)."""
+    return DIALOG_FORMATS.get(getattr(tokenizer, "dialog_format", "none"))(tokenizer)
+
+
+def encode_dialog(tokenizer, dialog: list[dict], loss_on: str = "assistant", *, answer: str | None = None) -> dict:
+    """`format_for(tokenizer).encode(dialog, loss_on, answer=answer)`."""
+    return format_for(tokenizer).encode(dialog, loss_on, answer=answer)
+
+
+def to_training_example(encoded: dict) -> dict:
+    """Shift by one: inputs[i] = tokens[i] predicts targets[i] = tokens[i+1]; masks follow targets."""
+    tokens = np.asarray(encoded["tokens"], dtype=np.int32)
+    return {
+        "inputs": tokens[:-1],
+        "targets": tokens[1:],
+        "loss_mask": np.asarray(encoded["loss_mask"][1:], dtype=np.int32),
+        "answer_mask": np.asarray(encoded["answer_mask"][1:], dtype=np.int32),
+        # Indexed like inputs: input i is a prompt token.
+        "prompt": np.asarray(encoded["prompt_mask"][:-1], dtype=np.int32),
+    }
+
+
+def _after_last(tokens, token_id) -> list[int]:
+    """The tokens after the last `token_id` (all of them when it does not occur)."""
+    tokens = list(tokens)
+    return tokens[len(tokens) - tokens[::-1].index(token_id):] if token_id in tokens else tokens
+
+
+class DialogFormat:
+    """The interface every format implements; see the module docstring."""
+
+    name: str
+    stop_ids: tuple[int, ...] = ()  # end a lane's generation (`call_id` among them)
+    call_id: int | None = None  # the assistant hands over to the tool; None: no tool calls
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, dialog: list[dict], loss_on: str = "assistant", *, answer: str | None = None) -> dict:
+        """{"tokens", "loss_mask", "answer_mask", "prompt_mask"}, each one entry per token."""
+        raise NotImplementedError
+
+    def prompt(self, question: str) -> list[int]:
+        """The prompt ids for a user's question."""
+        raise NotImplementedError
+
+    def tool_query(self, tokens) -> str:
+        """The query of the call that `tokens` end with (their last token is `call_id`)."""
+        raise NotImplementedError
+
+    def tool_reply(self, reply: str) -> list[int]:
+        """The tokens the engine writes after the call token: the reply, and what resumes the assistant."""
+        raise NotImplementedError
+
+    def last_assistant_text(self, tokens) -> str:
+        """Text of the final assistant turn of generated `tokens`, without the token that ended it."""
+        raise NotImplementedError
+
+
+@DIALOG_FORMATS.register("none")
+class PlainText(DialogFormat):
+    """No dialog: a prompt is the plain encoding, nothing stops a generation early, no tools."""
+
+    name = "none"
+
+    def encode(self, dialog, loss_on="assistant", *, answer=None):
+        raise ValueError(f"{type(self.tokenizer).__name__} has no dialog format; encode dialogs with a dialog tokenizer (byte).")
+
+    def prompt(self, question):
+        return list(self.tokenizer.encode(question))
+
+    def last_assistant_text(self, tokens):
+        return self.tokenizer.decode(list(tokens))
+
+
+@DIALOG_FORMATS.register("byte")
+class ByteDialog(DialogFormat):
+    """Turns opened by the tokenizer's special tokens, the dialog closed by `<|eod|>`:
+
+        <|user|> question <|assistant|> query <|database|> reply <|assistant|> answer <|eod|>
+
+    A generation stops at `<|eod|>`, `<|user|>` or `<|database|>`; the last is a tool call: the
+    engine writes the reply and `<|assistant|>`, and the assistant goes on.
+    """
+
+    name = "byte"
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.header_ids = {source: tokenizer.special_id(source) for source in SOURCES}
+        self.eod_id = tokenizer.special_id("eod")
+        self.assistant_id = self.header_ids["assistant"]
+        self.call_id = self.header_ids[TOOL_SOURCE]
+        self.stop_ids = (self.eod_id, self.header_ids["user"], self.call_id)
+
+    def encode(self, dialog, loss_on="assistant", *, answer=None):
+        """Token ids and masks of one dialog.
+
+        Masks are indexed by token position and say what that token is, not what it predicts:
+        `loss_mask[i]` True means token i is a training target (predicted from token i-1);
+        `to_training_example` does the one-step shift that pairs inputs with targets.
+
+        loss_on="assistant": targets are every assistant content token plus the one token after
+          each assistant turn (the next turn's header or the final <|eod|>). That last token
+          teaches the model when to stop talking or hand over to the tool. Headers that open an
+          assistant turn are NOT targets: the generation engine writes them into the prompt.
+        loss_on="all": every position except 0 (pure pretraining; nothing predicts token 0).
+        answer: the last assistant turn must end with it (`answer_is_correct`); `answer_mask`
+          marks exactly the answer's tokens (not the period). None or "" leaves it all False.
+        `prompt_mask` marks the prompt of a prefix-LM: every token up to and including the header
+        of the first assistant turn (what `prompt` gives the engine). With loss_on="all" or
+        without an assistant turn it is empty, so no target is ever visible from the prompt.
+        """
+        if loss_on not in LOSS_ON_CHOICES:
+            raise ValueError(f"Unknown loss_on {loss_on!r}; choose one of: {', '.join(LOSS_ON_CHOICES)}.")
+        if not dialog:
+            raise ValueError("Cannot encode an empty dialog; it needs at least one turn.")
+
+        tokens: list[int] = []
+        is_target: list[bool] = []
+        prompt_end = None  # one past the header of the first assistant turn
+        last_assistant_end = None  # one past the last token of the last assistant turn
+        previous = None
+        for turn_index, turn in enumerate(dialog):
+            source = turn["source"]
+            if source not in self.header_ids:
+                raise ValueError(f"Turn {turn_index} has unknown source {source!r}; choose one of: {', '.join(SOURCES)}.")
+            # The header closes the previous turn, so it is a target iff the previous turn was
+            # the assistant's; the content is a target iff this turn is the assistant's.
+            tokens.append(self.header_ids[source])
+            is_target.append(previous == "assistant")
+            if source == "assistant" and prompt_end is None:
+                prompt_end = len(tokens)
+            content_ids = self.tokenizer.encode(turn["content"])
+            tokens.extend(content_ids)
+            is_target.extend([source == "assistant"] * len(content_ids))
+            if source == "assistant":
+                last_assistant_end = len(tokens)
+            previous = source
+        tokens.append(self.eod_id)
+        is_target.append(previous == "assistant")
+
+        n = len(tokens)
+        prompt_mask = np.zeros(n, dtype=bool)
+        if loss_on == "assistant" and prompt_end is not None:
+            prompt_mask[:prompt_end] = True
+        if loss_on == "all":
+            loss_mask = np.ones(n, dtype=bool)
+            loss_mask[0] = False
+        else:
+            loss_mask = np.asarray(is_target, dtype=bool)
+
+        answer_mask = np.zeros(n, dtype=bool)
+        if answer:
+            if last_assistant_end is None:
+                raise ValueError(f"Dialog has an answer {answer!r} but no assistant turn to hold it.")
+            last_assistant = [t for t in dialog if t["source"] == "assistant"][-1]["content"]
+            if not answer_is_correct(last_assistant, answer):
+                raise ValueError(
+                    f"Last assistant turn {last_assistant!r} does not end with '{answer}.'; "
+                    f"the answer mask needs the answer right before the final period."
+                )
+            period_pos = last_assistant_end - 1
+            answer_mask[period_pos - len(self.tokenizer.encode(answer)) : period_pos] = True
+
+        return {
+            "tokens": np.asarray(tokens, dtype=np.int32),
+            "loss_mask": loss_mask,
+            "answer_mask": answer_mask,
+            "prompt_mask": prompt_mask,
+        }
+
+    def prompt(self, question):
+        """`<|user|> question <|assistant|>`; no tokens for an empty question."""
+        if not question:
+            return []
+        return [self.header_ids["user"], *self.tokenizer.encode(question), self.assistant_id]
+
+    def tool_query(self, tokens):
+        return self.tokenizer.decode(_after_last(list(tokens)[:-1], self.assistant_id))
+
+    def tool_reply(self, reply):
+        return [*self.tokenizer.encode(reply), self.assistant_id]
+
+    def last_assistant_text(self, tokens):
+        tokens = list(tokens)
+        if tokens and tokens[-1] in self.stop_ids:
+            tokens = tokens[:-1]
+        return self.tokenizer.decode(_after_last(tokens, self.assistant_id))

@@ -1,0 +1,1 @@
+"""The optimizer and its learning-rate schedules: the owner of the `optim` config section."""

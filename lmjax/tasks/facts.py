@@ -1,0 +1,96 @@
+"""The facts task: N people x 4 attributes, learnt in the weights or looked up with a tool.
+
+Evaluators: teacher-forced answers (`eval/qa_acc`, `eval/qa_loss`; in-tool also on unseen
+people, `eval/qa_unseen_*`) every `train.eval_every` steps, and with `eval.recall` free
+generation at the end of training (`eval/qa_recall`, tools executed for real in-tool).
+"""
+import dataclasses
+from pathlib import Path
+
+from lmjax.registry import ConfigError
+
+MODES = ("weights", "tool")
+BYTE_VOCAB = 260
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    name: str = "facts"
+    mode: str = "weights"  # weights | tool
+    num_people: int = 256
+    num_unseen: int = 64
+    alpha: float = 0.0  # correlation of the attributes (0 = independent)
+    seed: int = 0
+    include_biographies: bool = False
+    pack: bool = True
+    cache_dir: str = ""  # "" = WORKDIR/data
+    # In-tool only: qatool dialogs about people outside the database, so that copying the
+    # tool's reply, not memorising it, is what training rewards.
+    tool_practice_people: int = 2048
+    input_shards: int = 0  # 0 = one per data-parallel process; batches depend on it, like on the seed
+
+
+def check(d: Section, *, vocab_size, seq_len):
+    if d.mode not in MODES:
+        raise ConfigError(f"Unknown facts mode {d.mode!r} in data.mode; choose one of: {', '.join(MODES)}.")
+    if d.num_people <= 0:
+        raise ConfigError(f"data.num_people must be positive, got {d.num_people}.")
+    if vocab_size < BYTE_VOCAB:
+        raise ConfigError(f"model.vocab_size={vocab_size} is below the byte tokenizer's {BYTE_VOCAB} ids.")
+
+
+def data_folder(d: Section, workdir) -> Path:
+    """Where the facts of `d` live (generated there by `build`)."""
+    from lmjax.data import facts
+
+    root = Path(d.cache_dir) if d.cache_dir else Path(workdir) / "data"
+    return root / facts.cache_dir_name(num_people=d.num_people, seed=d.seed, num_unseen=d.num_unseen, alpha=d.alpha)
+
+
+def qa_file(d: Section, unseen=False) -> str:
+    return "qatool_unseen.jsonl" if unseen else ("qa.jsonl" if d.mode == "weights" else "qatool.jsonl")
+
+
+def recall_files(d: Section, folder: Path) -> dict:
+    """Set name -> dialog file that recall asks: the trained questions, in-tool also unseen people's."""
+    files = {"qa": folder / qa_file(d)}
+    if d.mode == "tool":
+        files["qa_unseen"] = folder / qa_file(d, unseen=True)
+    return files
+
+
+def build(d: Section, *, workdir, seq_len, eval_cfg, vocab_size):
+    from lmjax.data import facts
+    from lmjax.dialog import encode_dialog, to_training_example
+    from lmjax.data.tokenizer import ByteTokenizer
+    from lmjax.eval.recall import RecallByGeneration
+    from lmjax.eval.teacher_forced import TeacherForced, answer_exact_match
+    from lmjax.tasks import TaskData
+
+    folder = facts.load_or_generate(
+        data_folder(d, workdir).parent, num_people=d.num_people, seed=d.seed, num_unseen=d.num_unseen, alpha=d.alpha
+    )
+    tokenizer = ByteTokenizer()
+
+    def examples(filename, loss_on="assistant"):
+        return [
+            to_training_example(encode_dialog(tokenizer, r["dialog"], loss_on, answer=r["answer"]))
+            for r in facts.read_dialogs(folder / filename)
+        ]
+
+    qa = examples(qa_file(d))
+    train = qa + examples("biographies.jsonl", loss_on="all") if d.include_biographies else qa
+    if d.mode == "tool" and d.tool_practice_people:
+        names = {person["name"] for person in facts.build_population(d.num_people, d.seed, d.num_unseen, d.alpha)}
+        practice = facts.tool_practice_dialogs(d.tool_practice_people, d.seed, names)
+        train = train + [to_training_example(encode_dialog(tokenizer, r["dialog"], answer=r["answer"])) for r in practice]
+    eval_sets = {"qa": qa}
+    if d.mode == "tool":
+        eval_sets["qa_unseen"] = examples(qa_file(d, unseen=True))
+    evaluators = [TeacherForced(eval_sets, answer_exact_match, batch_size=eval_cfg.batch_size)]
+    if eval_cfg.recall:
+        evaluators.append(RecallByGeneration(
+            recall_files(d, folder), tokenizer, tool_data_dir=folder if d.mode == "tool" else None,
+            lanes=eval_cfg.recall_lanes, chunk=eval_cfg.recall_chunk, max_len=seq_len,
+        ))
+    return TaskData(train, tokenizer, evaluators)
