@@ -211,6 +211,8 @@ def parse_config(config) -> RunConfig:
     from lmjax.tasks import TASKS
 
     tree = _plain(config)
+    if "seed" not in tree:
+        raise ConfigError("Missing config key seed.")
     missing = [s for s in ("implementation", "model", "data", *SECTIONS) if s not in tree]
     if missing:
         raise ConfigError(f"The config has no '{missing[0]}' section; every recipe starts from lmjax.config.base_recipe.")
@@ -224,7 +226,7 @@ def parse_config(config) -> RunConfig:
         raise ConfigError("Missing config key data.name.")
     task = TASKS.get(tree["data"]["name"])
     run = RunConfig(
-        seed=_typed(tree.get("seed", 0), 0, "seed"),
+        seed=_typed(tree["seed"], 0, "seed"),
         model=model_config(impl, tree["model"]),
         data=_build(task.Section, tree["data"], "data"),
         **sections,
@@ -353,18 +355,11 @@ RESUMABLE_CHANGES = (
 )
 
 
-def _flat(tree, prefix=""):
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flat(value, path + ".")
-        else:
-            yield path, value
-
-
 def check_resume_compatible(saved: RunConfig, config: RunConfig) -> None:
     """Raise ConfigError if resuming a workdir saved with `saved` under `config` would mix runs."""
-    old, new = dict(_flat(json.loads(to_json(saved)))), dict(_flat(json.loads(to_json(config))))
+    from flax import traverse_util
+
+    old, new = (traverse_util.flatten_dict(json.loads(to_json(c)), sep=".") for c in (saved, config))
     changed = sorted(
         key for key in old.keys() | new.keys()
         if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)

@@ -192,7 +192,7 @@ def test_cli_writes_files_and_prints_one_line(tmp_path, facts_dir):
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     result = run_cli("--out", str(tmp_path / "bad"), *args)
     assert result.returncode == 2
-    assert result.stderr.startswith("error:") and message in result.stderr
+    assert result.stderr.startswith("lmjax.data.facts: error:") and result.stderr.count("\n") == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 

@@ -1,7 +1,9 @@
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.models.masks import attention_mask
+from lmjax.models.masks import attention_mask, cache_attention_mask
 
 
 def naive_mask(segment_ids_BxL, prompt_BxL=None):
@@ -90,3 +92,19 @@ def test_cache_mask_equals_the_training_mask_for_one_sequence():
         np.testing.assert_array_equal(got[:, :L], training[start : start + size])
         assert not got[:, L:].any()
         start += size
+
+
+def test_int32_prompt_flags_give_boolean_masks_that_cudnn_accepts():
+    """The pipeline's prompt flags are int32; the masks must still be boolean (cudnn's
+    dot_product_attention rejects any other dtype) and equal to the boolean-flag masks."""
+    segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 0]], jnp.int32)
+    prompt = jnp.asarray([[1, 1, 0, 1, 0, 0]], jnp.int32)
+    dense = attention_mask(segment_ids, prompt)
+    assert dense.dtype == jnp.bool_
+    np.testing.assert_array_equal(dense, attention_mask(segment_ids, prompt.astype(bool)))
+    positions = jnp.asarray([[0, 1, 2, 3]], jnp.int32)
+    cached = cache_attention_mask(positions, 6, jnp.asarray([[1, 1, 0, 0]], jnp.int32))
+    assert cached.dtype == jnp.bool_
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 6, 2, 8)) for i in range(3))
+    out = jax.nn.dot_product_attention(q, k, v, mask=dense[:, None], implementation="xla")
+    assert out.shape == q.shape

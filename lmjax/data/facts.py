@@ -377,21 +377,24 @@ def load_or_generate(cache_root: str | Path, **params) -> Path:
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the facts task (database + dialog files).")
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="lmjax.data.facts", description="Generate the facts task (database + dialog files).")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num_people", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_unseen", type=int, default=64)
     parser.add_argument("--alpha", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    try:
-        out_dir = generate_facts(
-            args.out, num_people=args.num_people, seed=args.seed, num_unseen=args.num_unseen, alpha=args.alpha
-        )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lmjax import cli
+
+    return cli.run("lmjax.data.facts", parse_args, _generate, argv)
+
+
+def _generate(args) -> int:
+    out_dir = generate_facts(args.out, num_people=args.num_people, seed=args.seed, num_unseen=args.num_unseen, alpha=args.alpha)
     counts = json.loads((out_dir / "meta.json").read_text())["counts"]
     summary = ", ".join(f"{counts[n]} {n}" for n in DIALOG_FILES)
     print(f"Wrote facts for {args.num_people} people + {args.num_unseen} unseen to {out_dir}: {summary}.")

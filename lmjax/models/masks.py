@@ -14,7 +14,8 @@ def attention_mask(segment_ids_BxL, prompt_BxL=None):
     causal = jnp.tril(jnp.ones((L, L), dtype=bool))[None]
     may_attend = causal
     if prompt_BxL is not None:
-        both_prompt = prompt_BxL[:, :, None] & prompt_BxL[:, None, :]
+        prompt = prompt_BxL.astype(bool)  # the data pipeline's prompt flags are int32
+        both_prompt = prompt[:, :, None] & prompt[:, None, :]
         may_attend = may_attend | both_prompt
     padding = (segment_ids_BxL == 0)[:, :, None]
     diagonal = jnp.eye(L, dtype=bool)[None]
@@ -32,6 +33,7 @@ def cache_attention_mask(positions_BxL, cache_len: int, prompt_BxL=None):
     slots = jnp.arange(cache_len)[None, None, :]
     may_attend = slots <= positions_BxL[:, :, None]
     if prompt_BxL is not None:
-        prompt_len_B = jnp.max(jnp.where(prompt_BxL, positions_BxL + 1, 0), axis=1)
-        may_attend = may_attend | (prompt_BxL[:, :, None] & (slots < prompt_len_B[:, None, None]))
+        prompt = prompt_BxL.astype(bool)
+        prompt_len_B = jnp.max(jnp.where(prompt, positions_BxL + 1, 0), axis=1)
+        may_attend = may_attend | (prompt[:, :, None] & (slots < prompt_len_B[:, None, None]))
     return may_attend
