@@ -2,18 +2,27 @@
 
 An entry module has `main(argv=None) -> int` (argv: the arguments after the program name;
 None: sys.argv[1:]) that returns `run(PROG, parse_args, body, argv)`, and ends with
-`if __name__ == "__main__": sys.exit(main())`. `run` parses the arguments (argparse reports bad
-flags itself: usage + `PROG: error: ...`, exit status 2), calls `body(args)` and turns a user
+`if __name__ == "__main__": sys.exit(main())`. `run` parses the arguments (`ArgumentParser`
+reports a bad flag as one line `PROG: error: ...`, exit status 2), calls `body(args)` and turns a user
 error, i.e. bad input (ConfigError, ValueError, FileNotFoundError), into one line
 `PROG: error: MESSAGE` on stderr and exit status 2, never a traceback. Anything else is a bug
 and keeps its traceback.
 """
+import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
 from lmjax.registry import ConfigError
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for entry points: a bad or missing flag is one line `PROG: error: ...` and exit
+    status 2 like any other user error (plain argparse prints its usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help.\n")
 
 
 def error_line(prog: str, error: BaseException) -> str:

@@ -200,8 +200,22 @@ def _typed(value, default, key):
 
 def _positive(**values):
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:  # NaN too
             raise ConfigError(f"{key} must be a positive number, got {value!r}.")
+
+
+def _at_least_zero(what="", **values):
+    """Each value >= 0 (NaN is not); `what` says what 0 means, e.g. "0 = off"."""
+    for key, value in values.items():
+        if not value >= 0:
+            raise ConfigError(f"{key} must be 0 or more{f' ({what})' if what else ''}, got {value!r}.")
+
+
+def _in_range(low, high, *, high_open=False, **values):
+    """Each value in [low, high] ([low, high) with `high_open`); NaN is not."""
+    for key, value in values.items():
+        if not (low <= value < high if high_open else low <= value <= high):
+            raise ConfigError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}.")
 
 
 def parse_config(config) -> RunConfig:
@@ -246,16 +260,16 @@ def _check(c: RunConfig):
     t = c.train
     _positive(**{"train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
                  "train.log_every": t.log_every, "train.eval_every": t.eval_every, "eval.batch_size": c.eval.batch_size,
-                 "checkpoint.every": c.checkpoint.every, "checkpoint.keep": c.checkpoint.keep})
+                 "eval.max_batches": c.eval.max_batches, "eval.recall_lanes": c.eval.recall_lanes,
+                 "eval.recall_chunk": c.eval.recall_chunk, "checkpoint.every": c.checkpoint.every, "checkpoint.keep": c.checkpoint.keep})
     o = c.optim
     if o.schedule not in SCHEDULES:
         raise ConfigError(f"Unknown schedule {o.schedule!r} in optim.schedule; choose one of: {', '.join(sorted(SCHEDULES))}.")
-    _positive(**{"optim.lr": o.lr, "optim.grad_accum": o.grad_accum})
-    if o.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps must be 0 or more, got {o.warmup_steps!r}.")
-    for key in ("min_lr_ratio", "decay_fraction"):
-        if not 0 <= getattr(o, key) <= 1:
-            raise ConfigError(f"optim.{key} must be between 0 and 1, got {getattr(o, key)!r}.")
+    _positive(**{"optim.lr": o.lr, "optim.eps": o.eps, "optim.grad_accum": o.grad_accum})
+    _in_range(0, 1, high_open=True, **{"optim.b1": o.b1, "optim.b2": o.b2})
+    _at_least_zero(**{"optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay})
+    _at_least_zero("0 = no clipping", **{"optim.clip_norm": o.clip_norm})
+    _in_range(0, 1, **{"optim.min_lr_ratio": o.min_lr_ratio, "optim.decay_fraction": o.decay_fraction})
     if t.batch_size % c.optim.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by optim.grad_accum={c.optim.grad_accum}.")
     parse_stop_when(t.stop_when)
@@ -289,6 +303,22 @@ def parse_stop_when(text):
             except ValueError:
                 break
     raise ConfigError(f"train.stop_when must look like 'eval/qa_acc>=0.95' or 'eval/loss<=1.5', got {text!r}.")
+
+
+def check_stop_when_names(text, task: str, periodic: list, at_end: list = ()):
+    """ConfigError unless `train.stop_when` (`text`) names a metric the periodic evaluation
+    reports: `periodic` (the task's periodic evaluators' names), or the evaluation step's own
+    time/since_start_s; `at_end`: the names the task reports only after training."""
+    parsed = parse_stop_when(text)
+    if parsed is None or parsed[0] in (*periodic, "time/since_start_s"):
+        return
+    name, reports = parsed[0], ", ".join(sorted(periodic)) or "nothing"
+    if name in at_end:
+        raise ConfigError(
+            f"train.stop_when names {name!r}, which the {task} task reports only after training; "
+            f"it reports every train.eval_every steps: {reports}."
+        )
+    raise ConfigError(f"train.stop_when names {name!r}, which the {task} task never reports; it reports: {reports}.")
 
 
 # -- files and the command line ---------------------------------------------------------------

@@ -23,6 +23,8 @@ block) belongs to the tool (lmjax/tools/): the format hands it the turn's text a
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from lmjax.registry import Registry
@@ -30,12 +32,38 @@ from lmjax.registry import Registry
 SOURCES = ("user", "assistant", "database")
 TOOL_SOURCE = "database"  # the turn that holds a tool's reply
 LOSS_ON_CHOICES = ("assistant", "all")
+_WORD_CHAR = re.compile(r"\w")  # letters, digits, underscore (Unicode): what a word boundary separates
 
 DIALOG_FORMATS = Registry("tokenizer.dialog_format")
 
 
-def answer_is_correct(text: str, answer: str) -> bool:
-    """The recall rule: the answer text ends with f"{answer}."."""
+def answer_is_correct(text: str, answer: str, known_answers=()) -> bool:
+    """The recall rule: `text` states the whole answer, `answer`, and a period at its end.
+
+    It ends with f"{answer}." with the start of the text or a non-word character right before
+    the answer ("Peru." does not answer "eru"), and no longer answer among `known_answers` (the
+    values the text could state, e.g. every value of the asked attribute) ends it the same way:
+    with "civil engineer" known, "She works as a civil engineer." states "civil engineer" and
+    does not answer "engineer"; "She works as an engineer." does. Without `known_answers` only
+    the word boundary is checked, which cannot tell those two apart (a space precedes "engineer"
+    in both)."""
+    if not _ends_with_whole(text, answer):
+        return False
+    return not any(len(other) > len(answer) and _ends_with_whole(text, other) for other in known_answers)
+
+
+def _ends_with_whole(text: str, answer: str) -> bool:
+    """`text` ends with f"{answer}." and a word boundary (start of text or non-word character) before it."""
+    ending = f"{answer}."
+    if not answer or not text.endswith(ending):
+        return False
+    before = text[: len(text) - len(ending)]
+    return not before or _WORD_CHAR.fullmatch(before[-1]) is None
+
+
+def answer_is_suffix(text: str, answer: str) -> bool:
+    """The original codebase's looser rule, kept for comparison (`eval/{set}_recall_suffix`):
+    `text` ends with f"{answer}.", whatever comes before ("a civil engineer." answers "engineer")."""
     return text.endswith(f"{answer}.")
 
 
@@ -157,8 +185,9 @@ class ByteDialog(DialogFormat):
           teaches the model when to stop talking or hand over to the tool. Headers that open an
           assistant turn are NOT targets: the generation engine writes them into the prompt.
         loss_on="all": every position except 0 (pure pretraining; nothing predicts token 0).
-        answer: the last assistant turn must end with it (`answer_is_correct`); `answer_mask`
-          marks exactly the answer's tokens (not the period). None or "" leaves it all False.
+        answer: the last assistant turn must end with the answer and a period, a word boundary
+          before the answer (`answer_is_correct`); `answer_mask` marks exactly the answer's
+          tokens (not the period). None or "" leaves it all False.
         `prompt_mask` marks the prompt of a prefix-LM: every token up to and including the header
         of the first assistant turn (what `prompt` gives the engine). With loss_on="all" or
         without an assistant turn it is empty, so no target is ever visible from the prompt.
@@ -209,8 +238,8 @@ class ByteDialog(DialogFormat):
             last_assistant = [t for t in dialog if t["source"] == "assistant"][-1]["content"]
             if not answer_is_correct(last_assistant, answer):
                 raise ValueError(
-                    f"Last assistant turn {last_assistant!r} does not end with '{answer}.'; "
-                    f"the answer mask needs the answer right before the final period."
+                    f"Last assistant turn {last_assistant!r} does not end with '{answer}.' after a word boundary; "
+                    f"the answer mask needs the answer right before the final period, after a non-word character."
                 )
             period_pos = last_assistant_end - 1
             answer_mask[period_pos - len(self.tokenizer.encode(answer)) : period_pos] = True

@@ -4,26 +4,25 @@ Writes DIR/model.safetensors (every parameter as one full array, named by its pa
 '.') and DIR/params.json (model config, step, run config); load them back, on any machine and
 without a mesh, with `lmjax.interop.consolidated.load_consolidated(DIR)`.
 """
-import argparse
 import sys
 
-from lmjax.cli import run
+from lmjax import cli
 from lmjax.xla_flags import tune_xla_cpu_flags
 
 PROG = "lmjax.export"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m lmjax.export", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="lmjax.export", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a training run folder")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and params.json into")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    return run(PROG, parse_args, export, argv)
+    return cli.run(PROG, parse_args, export, argv)
 
 
 def export(args) -> int:

@@ -1,6 +1,14 @@
-"""python -m lmjax.main --config=configs/facts.py [--config.a.b=v ...] [--workdir=DIR]"""
+"""python -m lmjax.main --config=configs/facts.py [--config.a.b=v ...] [--workdir=DIR]
+
+Exit status: 0 trained (or stopped by train.stop_when); 2 a bad config value (or an unreadable
+line inside WORKDIR/metrics.jsonl); 3 diverged: a non-finite loss, gradient norm or state, with
+no checkpoint saved after it; 4 the run could not write its files (an unwritable workdir, a full
+disk); 143 stopped by SIGTERM or Ctrl-C after saving a checkpoint. Each failure is one line
+`lmjax: error: ...` on stderr; anything else is a bug and keeps its traceback.
+"""
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from lmjax.xla_flags import tune_xla_cpu_flags
@@ -32,12 +40,15 @@ def _parse_flags(argv):
         _fail(error)
 
 
-def _fail(error):
-    """The lmjax.cli convention: one line, exit status 2."""
+BAD_CONFIG, DIVERGED, CANNOT_WRITE, STOPPED = 2, 3, 4, 143  # exit statuses
+
+
+def _fail(error, status=BAD_CONFIG):
+    """The lmjax.cli convention: one line, exit status 2 (or the status given)."""
     from lmjax.cli import error_line
 
     print(error_line("lmjax", error), file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _status(summary, config):
@@ -53,13 +64,39 @@ def default_workdir(config):
     return Path("runs") / f"{config.data.name}-{stamp}"
 
 
+class _WriteFailuresReportedOnce:
+    """A filter for absl's logger: orbax logs a failed checkpoint write with its traceback from
+    each of its threads, then raises it in the training loop, which reports it in one line."""
+
+    def filter(self, record):
+        from lmjax.train.actions import write_failure
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("orbax" in record.pathname and error is not None and write_failure(error) is not None)
+
+
+def _late_write_callbacks_ignored(unraisable, default=sys.unraisablehook):
+    """When one write of a checkpoint fails, orbax stops waiting and closes its event loop while
+    tensorstore still finishes the other writes; each of their completion callbacks then meets
+    the closed loop ('Event loop is closed', an unraisable error Python would print with its
+    traceback). The failure itself is reported in one line; anything else goes to `default`."""
+    error, frames = unraisable.exc_value, traceback.extract_tb(unraisable.exc_traceback)
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+            and any(frame.name == "call_soon_threadsafe" for frame in frames)):
+        default(unraisable)
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-    from lmjax.train.loop import train
-
+    logging.get_absl_logger().addFilter(_WriteFailuresReportedOnce())
+    sys.unraisablehook = _late_write_callbacks_ignored
     from lmjax.config import parse_config
+    from lmjax.monitor.metrics import MetricsFileError
     from lmjax.parallel.distributed import initialize, process_info
+    from lmjax.run_dir import CheckpointError
+    from lmjax.train.actions import Diverged
+    from lmjax.train.loop import train
 
     try:
         config = parse_config(_CONFIG.value)
@@ -70,8 +107,12 @@ def main(argv):
             print(f"lmjax: {info['process_count']} processes, {info['device_count']} {info['platform']} devices "
                   f"({info['local_device_count']} per process)")
         summary = train(config, workdir)
-    except ConfigError as error:  # a bad value; anything else is a bug and keeps its traceback
+    except (ConfigError, MetricsFileError, CheckpointError) as error:  # a bad value or file; anything else is a bug
         _fail(error)
+    except Diverged as error:
+        _fail(error, DIVERGED)
+    except OSError as error:  # CannotWrite names the file; other OSErrors (a full disk...) carry theirs
+        _fail(error, CANNOT_WRITE)
     shown = {k: v for k, v in summary.items() if k.startswith(("eval/", "train/loss"))}
     import jax
 
@@ -83,7 +124,7 @@ def main(argv):
             + f" | workdir {workdir}"
         )
     if summary["interrupted"]:
-        sys.exit(143)
+        sys.exit(STOPPED)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     WORKDIR/config.json      the resolved config          write_run_config / read_run_config
     WORKDIR/checkpoints/     orbax: train state + each process's data position        Checkpointer
+                             + lmjax_checksums.json in each step (sizes and sha256 of its files)
     WORKDIR/tokenizer.json   the tokenizer the run trained with   save_run_tokenizer / run_tokenizer
     WORKDIR/data/            the facts data (or data.cache_dir)                    facts_data_dir
 
@@ -9,10 +10,13 @@ Generation, recall and export load a run from here without the trainer (nothing 
 lmjax.train): the parameters alone (`restore_params`: no optimizer built, no optimizer moments
 read), the tokenizer and the facts data folder (`run_task`), without building the dataset.
 """
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,11 @@ import orbax.checkpoint as ocp
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINTS = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A run's checkpoints cannot be used as asked (damaged, or written by another process
+    count): a user error, reported in one line with exit status 2."""
 
 
 def _write_atomically(path: Path, text: str):
@@ -81,25 +90,172 @@ class _DataPosition:
         pass
 
 
+# -- damaged checkpoints ----------------------------------------------------------------------------
+#
+# orbax commits a step atomically: it writes into `STEP.orbax-checkpoint-tmp-*`, puts
+# `commit_success.txt` in it, then renames it to `STEP` (on a local disk; on GCS the marker alone
+# commits it). Nothing checks a committed step again: a file truncated, deleted or altered since
+# (a full disk, a partial copy, bit rot) ends in a traceback at restore, or for flipped bytes in
+# silently different numbers. So lmjax seals each step once orbax has finished it: process 0 writes
+# `STEP/lmjax_checksums.json`, the size and sha256 of every file of the step, and every restore
+# checks the step against it first. Steps saved before this existed (no checksums file) are
+# trusted as orbax committed them.
+
+COMMIT_MARKER = "commit_success.txt"  # orbax's commit marker (atomicity_types.COMMIT_SUCCESS_FILE)
+CHECKSUMS_FILE = "lmjax_checksums.json"
+CHECKSUMS_FORMAT = "lmjax.checksums/1"
+DAMAGED_SUFFIX = ".damaged"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digests(root: Path, names) -> dict:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(lambda name: _sha256(root / name), names)))
+
+
+def write_checksums(step_dir):
+    """Seal a finished step: STEPDIR/lmjax_checksums.json holds the size and sha256 of each of its
+    files (written under a temporary name, then renamed)."""
+    step_dir = Path(step_dir)
+    tmp = step_dir / f".{CHECKSUMS_FILE}.tmp"
+    names = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file() and p.name not in (CHECKSUMS_FILE, tmp.name))
+    digests = _digests(step_dir, names)
+    files = {name: {"bytes": (step_dir / name).stat().st_size, "sha256": digests[name]} for name in names}
+    tmp.write_text(json.dumps({"format": CHECKSUMS_FORMAT, "files": files}, indent=1) + "\n")
+    os.replace(tmp, step_dir / CHECKSUMS_FILE)
+
+
+def checkpoint_damage(step_dir):
+    """Why the step in `step_dir` cannot be restored as saved (one phrase naming the file, its
+    path relative to the run folder), or None when it is intact. Reads every file of a sealed step."""
+    step_dir = Path(step_dir)
+    shown = lambda name: (Path(step_dir.parent.name) / step_dir.name / name).as_posix()  # noqa: E731
+    if not (step_dir / COMMIT_MARKER).is_file():
+        return f"{shown(COMMIT_MARKER)} is missing: its save never finished"
+    if not (step_dir / CHECKSUMS_FILE).exists():
+        return None  # saved before lmjax sealed steps: trusted as orbax committed it
+    try:
+        saved = json.loads((step_dir / CHECKSUMS_FILE).read_text())
+        files = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in saved["files"].items()}
+        if saved["format"] != CHECKSUMS_FORMAT:
+            raise ValueError(f"format {saved['format']!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"{shown(CHECKSUMS_FILE)} is unreadable ({type(error).__name__}: {error})"
+    for name, (size, _) in files.items():  # the cheap checks first: a missing or cut file
+        path = step_dir / name
+        if not path.is_file():
+            return f"{shown(name)} is missing"
+        if path.stat().st_size != size:
+            return f"{shown(name)} has {path.stat().st_size:,} of {size:,} bytes"
+    digests = _digests(step_dir, sorted(files))
+    for name in sorted(files):
+        if digests[name] != files[name][1]:
+            return f"{shown(name)} does not match its sha256: its bytes changed since the save"
+    return None
+
+
+def newest_intact_step(directory, steps, wanted=None):
+    """(step, damaged): checkpoint `wanted`, or without it the newest of `steps` that is intact
+    (None if none is), and [(step, why)] of the newer ones found damaged. A damaged `wanted`
+    step, or damaged steps and none intact, is a ValueError of one line saying what to do."""
+    directory = Path(directory)
+    if wanted is not None:
+        why = checkpoint_damage(directory / str(wanted))
+        if why:
+            raise CheckpointError(
+                f"Checkpoint {wanted} of {str(directory.parent)!r} is damaged ({why}); pick another --step "
+                f"(saved: {', '.join(map(str, sorted(steps)))}) or leave --step out for the newest intact one."
+            )
+        return wanted, []
+    damaged = []
+    for step in sorted(steps, reverse=True):
+        why = checkpoint_damage(directory / str(step))
+        if why is None:
+            return step, damaged
+        damaged.append((step, why))
+    if damaged:
+        listed = "; ".join(f"{step}: {why}" for step, why in damaged)
+        raise CheckpointError(
+            f"Every checkpoint of {str(directory.parent)!r} is damaged ({listed}); restore {directory.name}/ "
+            f"from a copy, or move it away to start the run over."
+        )
+    return None, []
+
+
+def warn(message: str):
+    print(f"lmjax: warning: {message}", file=sys.stderr, flush=True)
+
+
 class Checkpointer:
     """orbax checkpoints: the train state (params, optimizer, step, PRNG) plus the data position.
 
     The train state is saved sharded (every process writes its own shards) and restored onto the
     shardings of whatever abstract state is passed: another mesh, or one device. Each process's
     data position goes to its own file (grain's per-process checkpoint handler), since in a
-    multi-host run every process reads different input shards.
+    multi-host run every process reads different input shards. Each step is sealed with its
+    checksums once orbax has finished it (sync: at once; async: at the next save, wait or close),
+    and checked before it is restored.
     """
 
     def __init__(self, directory, *, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.async_save = async_save
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unsealed = []  # steps saved by this process whose save may still be running
+        self._intact = set()  # steps checked (or, off process 0, that process 0 checked)
 
     def latest_step(self):
         return self.manager.latest_step()
 
+    def resume_step(self):
+        """The step training resumes from: the newest intact one (None: no checkpoint yet). Process 0
+        checks; each damaged newer step is renamed STEP.damaged, so that training may save that
+        step again, with one warning line; no intact step left is a ValueError."""
+        if jax.process_index() == 0:
+            step, damaged = newest_intact_step(self.directory, self.manager.all_steps())
+            for bad, why in damaged:
+                aside = self._set_aside(bad)
+                warn(f"checkpoint {bad} is damaged ({why}); set aside as {aside}; resuming from step {step}.")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lmjax: damaged checkpoints set aside")
+        self.manager.reload()
+        step = self.latest_step()
+        self._intact.add(step)  # checked by process 0
+        return step
+
+    def _set_aside(self, step) -> str:
+        source = self.directory / str(step)
+        target, n = source.with_name(f"{step}{DAMAGED_SUFFIX}"), 1
+        while target.exists():
+            n += 1
+            target = source.with_name(f"{step}{DAMAGED_SUFFIX}-{n}")
+        os.replace(source, target)
+        return f"{self.directory.name}/{target.name}"
+
+    def _checked_step(self, step):
+        """`step`, checked (a damaged one is a ValueError), or the newest intact step when None."""
+        if step is not None and step in self._intact:
+            return step
+        chosen, damaged = newest_intact_step(self.directory, self.manager.all_steps(), step)
+        for bad, why in damaged:
+            warn(f"checkpoint {bad} is damaged ({why}); using step {chosen}.")
+        self._intact.add(chosen)
+        return chosen
+
     def save(self, step: int, state, data_state: dict, *, wait: bool = False):
+        self._seal_finished()  # orbax's save waits for the previous one anyway
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -107,13 +263,27 @@ class Checkpointer:
             ),
             force=True,
         )
-        if wait:
-            self.manager.wait_until_finished()
+        self._unsealed.append(step)
+        if wait or not self.async_save:
+            self._seal_finished()
+
+    def _seal_finished(self):
+        """Wait for the running save, then write the checksums of the steps it finished."""
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in self._unsealed:
+                if (self.directory / str(step)).is_dir():  # not deleted since (checkpoint.keep)
+                    write_checksums(self.directory / str(step))
+        self._unsealed = []
 
     def restore(self, abstract_state, step=None, *, data=True):
-        """(state, data_state) at `step` (default: latest), laid out like `abstract_state`
-        (shapes, dtypes and shardings). `data=False` skips the data position (data_state None)."""
-        step = self.latest_step() if step is None else step
+        """(state, data_state) at `step` (default: the newest intact one), laid out like
+        `abstract_state` (shapes, dtypes and shardings). `data=False` skips the data position
+        (data_state None). A damaged `step` is a ValueError."""
+        self._seal_finished()
+        step = self._checked_step(step)
+        if step is None:
+            raise ValueError(f"{str(self.directory)!r} holds no checkpoint to restore.")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         position = _DataPosition()
         if data:
@@ -122,7 +292,7 @@ class Checkpointer:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except ValueError as error:
             if "process_" in str(error) and "does not exist" in str(error):
-                raise ValueError(
+                raise CheckpointError(
                     f"Checkpoint {step} holds no data position for this process ({error}); it was written "
                     f"by a different number of processes. Resume with the same process count."
                 ) from None
@@ -130,14 +300,13 @@ class Checkpointer:
         return restored["state"], position.state
 
     def restore_params(self, abstract_params, step=None):
-        """`state.params` alone at `step` (default: latest), laid out like `abstract_params`
-        (see `read_params`)."""
-        self.manager.wait_until_finished()
-        step = self.latest_step() if step is None else step
-        return read_params(self.manager.directory, abstract_params, step)
+        """`state.params` alone at `step` (default: the newest intact one), laid out like
+        `abstract_params` (see `read_params`)."""
+        self._seal_finished()
+        return read_params(self.directory, abstract_params, self._checked_step(step))
 
     def close(self):
-        self.manager.wait_until_finished()
+        self._seal_finished()
         self.manager.close()
 
 
@@ -184,8 +353,9 @@ def abstract_params(model, seq_len: int, layout=None):
 
 
 def restore_params(workdir, step=None, layout=None):
-    """(config, model, params, step) at checkpoint `step` (default: the latest); the parameters
-    on the first device, or sharded on `layout`'s mesh (whatever mesh the run trained on)."""
+    """(config, model, params, step) at checkpoint `step` (default: the newest intact one, with a
+    warning line for each newer damaged one); the parameters on the first device, or sharded on
+    `layout`'s mesh (whatever mesh the run trained on). A damaged `step` is a ValueError."""
     workdir = Path(workdir)
     config = read_run_config(workdir)
     no_checkpoint = f"{str(workdir)!r} has no checkpoint yet; train first (python -m lmjax.main ...)."
@@ -198,7 +368,9 @@ def restore_params(workdir, step=None, layout=None):
             raise ValueError(no_checkpoint)
         if step is not None and step not in steps:
             raise ValueError(f"No checkpoint at step {step} in {str(workdir)!r}; saved steps: {', '.join(map(str, steps))}.")
-        step = steps[-1] if step is None else step
+        step, damaged = newest_intact_step(workdir / CHECKPOINTS, steps, step)
+        for bad, why in damaged:
+            warn(f"checkpoint {bad} is damaged ({why}); using step {step}.")
         model = run_model(config)
         params = _params_at(reader, abstract_params(model, config.train.seq_len, layout), step)
     finally:

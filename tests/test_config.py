@@ -45,11 +45,52 @@ def test_cli_errors_are_one_line(args, expected, subprocess_env, tmp_path):
         ({"model.compute_dtype": "float16"}, "model.compute_dtype"),
         ({"model.vocab_size": 100}, "vocab_size"),
         ({"optim.grad_accum": 3}, "divisible by optim.grad_accum"),
+        ({"optim.b1": 1.0}, "optim.b1 must be in [0, 1), got 1.0."),
+        ({"optim.b2": float("nan")}, "optim.b2 must be in [0, 1), got nan."),
+        ({"optim.eps": 0.0}, "optim.eps must be a positive number, got 0.0."),
+        ({"optim.lr": float("nan")}, "optim.lr must be a positive number, got nan."),
+        ({"optim.weight_decay": -1e-4}, "optim.weight_decay must be 0 or more, got -0.0001."),
+        ({"optim.clip_norm": -1.0}, "optim.clip_norm must be 0 or more (0 = no clipping), got -1.0."),
+        ({"optim.warmup_steps": -5}, "optim.warmup_steps must be 0 or more, got -5."),
+        ({"optim.min_lr_ratio": -0.1}, "optim.min_lr_ratio must be in [0, 1], got -0.1."),
+        ({"optim.decay_fraction": 2.0}, "optim.decay_fraction must be in [0, 1], got 2.0."),
+        ({"eval.max_batches": 0}, "eval.max_batches must be a positive number, got 0."),
+        ({"eval.recall_lanes": 0}, "eval.recall_lanes must be a positive number, got 0."),
+        ({"model.mlp_hidden": 0}, "model.mlp_hidden must be a positive number, got 0."),
+        ({"model.norm_eps": 0.0}, "model.norm_eps must be a positive number, got 0.0."),
+        ({"model.attention_block": -64}, "model.attention_block must be 0 or more (0 = no block skipping), got -64."),
+        ({"implementation.model": "rnn", "model.mlp_hidden": -1}, "model.mlp_hidden must be 0 or more (0 = 3*dim)"),
+        ({"data.alpha": 1.5}, "data.alpha must lie in [0, 1], got 1.5."),
+        ({"data.alpha": -0.5}, "data.alpha must lie in [0, 1], got -0.5."),
+        ({"data.num_unseen": -1}, "data.num_unseen must be a non-negative integer, got -1."),
+        ({"data.num_people": 0}, "data.num_people must be a positive integer, got 0."),
+        ({"data.num_people": 9999}, "Asked for 9999 + 4 unseen people but only 10000 distinct first x last names exist; lower data.num_people or data.num_unseen."),
+        ({"data.seed": -1}, "data.seed must be a non-negative integer, got -1."),
+        ({"data.tool_practice_people": -1}, "data.tool_practice_people must be 0 or more (0 = none), got -1."),
+        ({"data.mode": "tool", "data.tool_practice_people": 9990},
+         "lower data.tool_practice_people to at most 9988."),
     ],
 )
 def test_validate_names_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError) as error:
         tiny_facts_config(**overrides)
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_stop_when_must_name_a_metric_the_periodic_evaluation_reports():
+    from lmjax.config import check_stop_when_names
+
+    periodic, at_end = ["eval/qa_loss", "eval/qa_acc"], ["eval/qa_recall", "time/recall_s"]
+    for text in ("", "eval/qa_acc>=0.9", "eval/qa_loss<=0.1", "time/since_start_s>=600"):
+        check_stop_when_names(text, "facts", periodic, at_end)
+    with pytest.raises(ConfigError) as error:
+        check_stop_when_names("eval/qa_accuracy>=0.9", "facts", periodic, at_end)
+    assert str(error.value) == (
+        "train.stop_when names 'eval/qa_accuracy', which the facts task never reports; it reports: eval/qa_acc, eval/qa_loss."
+    )
+    with pytest.raises(ConfigError, match="'eval/qa_recall', which the facts task reports only after training; "
+                                          "it reports every train.eval_every steps: eval/qa_acc, eval/qa_loss."):
+        check_stop_when_names("eval/qa_recall>=0.9", "facts", periodic, at_end)
 
 
 def test_recipes_share_the_base_defaults_and_keep_their_own():

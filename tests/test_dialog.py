@@ -5,7 +5,8 @@ import pytest
 from lmjax.data.shakespeare import CharTokenizer
 from lmjax.data.tokenizer import ByteTokenizer
 from lmjax.dialog import (
-    ByteDialog, PlainText, answer_is_correct, encode_dialog, format_for, to_training_example, tool_call_turns, user_question,
+    ByteDialog, PlainText, answer_is_correct, answer_is_suffix, encode_dialog, format_for, to_training_example, tool_call_turns,
+    user_question,
 )
 
 USER, ASSISTANT, DATABASE, EOD = 256, 257, 258, 259
@@ -150,6 +151,50 @@ def test_an_answer_is_correct_when_the_text_ends_with_it_and_a_period():
     assert not answer_is_correct("Ada was born in Peru", "Peru")
     assert not answer_is_correct("Ada was born in Chile.", "Peru")
     assert not answer_is_correct("Ada was born in Peru.", "Per")
+
+
+KNOWN = ("engineer", "civil engineer", "designer", "graphic designer", "Peru", "Zürich", "March 1, 1950")
+
+
+@pytest.mark.parametrize("text, answer, whole", [
+    ("Ada works as a civil engineer.", "engineer", False),  # states "civil engineer"
+    ("Ada works as a graphic designer.", "designer", False),  # states "graphic designer"
+    ("Ada was born in Peru.", "eru", False),  # no word boundary before the answer
+    ("Ada lives in Zürich.", "ürich", False),  # a non-ASCII letter is a word character too
+    ("Ada works as an engineer.", "engineer", True),
+    ("Ada works as a designer.", "designer", True),
+    ("Ada works as a civil engineer.", "civil engineer", True),
+    ("Ada works as a graphic designer.", "graphic designer", True),
+    ("Ada lives in Zürich.", "Zürich", True),
+    ("Ada was born on March 1, 1950.", "March 1, 1950", True),
+    ("engineer.", "engineer", True),  # the start of the text is a boundary
+    ("(engineer.", "engineer", True),
+])
+def test_a_correct_answer_is_the_whole_answer(text, answer, whole):
+    assert answer_is_correct(text, answer, KNOWN) is whole
+    assert answer_is_suffix(text, answer)  # the original codebase's rule counts them all
+
+
+def test_without_known_answers_only_the_word_boundary_is_checked():
+    # A space precedes "engineer" in "a civil engineer." too: only the known longer answer tells.
+    assert answer_is_correct("Ada works as a civil engineer.", "engineer")
+    assert not answer_is_correct("Ada works as a civil engineer.", "engineer", ["civil engineer"])
+    assert not answer_is_correct("Ada was born in Peru.", "eru")
+    assert answer_is_correct("Ada works as an engineer.", "engineer", ["civil engineer", "engineer"])
+
+
+def test_an_empty_answer_is_never_correct():
+    assert not answer_is_correct("Ada works as an engineer.", "")
+    assert not answer_is_correct(".", "")
+
+
+def test_the_answer_mask_needs_a_word_boundary_and_is_unchanged_with_one():
+    dialog = [{"source": "user", "content": "Where?"}, {"source": "assistant", "content": "In Peru."}]
+    with pytest.raises(ValueError, match="does not end with 'eru.' after a word boundary"):
+        encode_dialog(ByteTokenizer(), dialog, answer="eru")
+    out = encode_dialog(ByteTokenizer(), dialog, answer="Peru")
+    # <user> + 6 bytes, <assistant> at 7, "In " at 8..10, "Peru" at 11..14, "." 15, <eod> 16
+    assert positions(out["answer_mask"]) == list(range(11, 15))
 
 
 def test_the_question_of_a_record_is_its_first_user_turn():

@@ -139,6 +139,15 @@ def test_facts_database_errors_are_one_line_replies(tmp_path):
         assert reply.startswith(expected) and not ok and "\n" not in reply
 
 
+@pytest.mark.parametrize("seconds", [0, -1.0, float("nan"), float("inf"), "soon"])
+def test_bad_tool_timeouts_are_clear_errors(model_and_params, seconds):
+    model, params = model_and_params
+    with pytest.raises(ValueError, match="tool_timeout_s must be a positive, finite number of seconds"):
+        make_engine(model, params, lambda query: "r", lanes=1, timeout=seconds)
+    with pytest.raises(ValueError, match="tool_timeout_s must be a positive"):
+        ToolRunner(lambda query: "r", seconds)
+
+
 @pytest.mark.parametrize("prompt, message", [
     ([], "is empty"),
     ([1] * 97, "has 97 tokens but the cache holds 96"),

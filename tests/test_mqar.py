@@ -1,5 +1,6 @@
 """MQAR data (lmjax/data/mqar.py), its eval metric, recipe validation and a tiny training run."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -155,6 +156,13 @@ def mqar_config(**overrides):
         ({"data.power_a": 0.0}, "data.power_a"),
         ({"model.vocab_size": 300}, "model.vocab_size=300 must equal data.vocab_size=512"),
         ({"train.seq_len": 32}, "train.seq_len=32 is below data.seq_len=64"),
+        ({"implementation.model": "mamba", "model.d_state": 0}, "model.d_state must be a positive number, got 0"),
+        ({"implementation.model": "mamba", "model.dt_rank": -1}, "model.dt_rank must be 0 or more (0 = dim/16), got -1"),
+        ({"implementation.model": "mamba", "model.chunk_size": 0}, "model.chunk_size must be a positive number, got 0"),
+        ({"implementation.model": "rnn", "model.mlp_hidden": -1}, "model.mlp_hidden must be 0 or more (0 = 3*dim), got -1"),
+        ({"implementation.model": "rnn", "model.width": -4}, "model.width must be 0 or more (0 = dim), got -4"),
+        ({"implementation.model": "rnn", "model.d_conv": -1}, "model.d_conv must be 0 or more (0 = no conv), got -1"),
+        ({"model.mlp_hidden": -256}, "model.mlp_hidden must be a positive number, got -256"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):
@@ -164,7 +172,7 @@ def test_config_errors_name_the_key(overrides, message):
         # train.seq_len to (a sweep or another recipe may not tie them).
         section, leaf = key.split(".")
         config[section] = config_dict.ConfigDict({**config[section].to_dict(), leaf: value})
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")) as error:
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
         parse_config(config)
     assert "\n" not in str(error.value)
 

@@ -3,7 +3,10 @@ people writes the query itself, the lane engine runs it against the real SQLite 
 writes the reply back, the model answers from it, and `qa_recall` scores the answer.
 
 `trained_tool_model` and `tool_generator` are shared with tests/test_recall.py: one training
-(200 full-batch steps, a few seconds) and one compiled generator per test session."""
+(200 full-batch steps, a few seconds) and one compiled generator per test session.
+
+A lookup that hangs inside SQLite (tests/test_facts_db.py's injected hang) costs only its own
+question a time-out: the other lookups of the same engine, then and later, are answered."""
 import functools
 
 import flax.linen as nn
@@ -11,12 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from test_facts_db import first_sql_statement_hangs
 
 from lmjax.data.facts import generate_facts, read_dialogs
 from lmjax.data.tokenizer import ByteTokenizer
-from lmjax.dialog import encode_dialog, to_training_example, user_question
+from lmjax.dialog import answer_is_correct, encode_dialog, to_training_example, user_question
 from lmjax.eval.recall import qa_recall
 from lmjax.generate.api import Generator
+from lmjax.generate.engine import LaneEngine, Request
 from lmjax.models.transformer import Transformer, TransformerConfig
 from lmjax.tools import TOOLS
 from lmjax.tools.facts_db import FactsDatabase, parse_query
@@ -97,6 +102,41 @@ def test_the_model_queries_the_real_database_and_answers_from_its_reply(tmp_path
     assert accuracy == 1.0
     assert details == [
         {"people_id": r["people_id"], "attribute": r["attribute"], "expected": r["answer"],
-         "answer": r["dialog"][-1]["content"], "correct": True, "tool_calls": 1}
+         "answer": r["dialog"][-1]["content"], "correct": True, "correct_suffix": True, "tool_calls": 1}
         for r in records
     ]
+
+
+HANG_TIMEOUT_S = 2.0  # the hung lookup's question waits this long; healthy lookups take microseconds
+
+
+def test_a_hung_lookup_times_out_alone_and_later_lookups_in_the_engine_are_answered(tmp_path_factory, monkeypatch):
+    """The first lookup hangs inside SQLite until the end of the test. Its question gets the
+    time-out reply; the 7 other questions asked with it get their values, and so do all 8 asked
+    again in the same engine while that lookup still hangs (one database, one engine)."""
+    base = tmp_path_factory.getbasetemp()
+    _, params, folder, records = trained_tool_model(base)
+    generator = tool_generator(base)  # its compiled decoder; the engine below has its own database
+    requests = [Request(generator.prompt_tokens(user_question(r["dialog"])), max_new_tokens=120) for r in records]
+    assert len(requests) == generator.engine.decoder.lanes  # all the calls of a batch start together
+
+    with first_sql_statement_hangs(monkeypatch) as (hung, release, _):
+        database = FactsDatabase(folder / "people.db")
+        engine = LaneEngine(generator.engine.decoder, params, TOK, tool=database.run, tool_timeout_s=HANG_TIMEOUT_S)
+        first = engine.generate(requests)
+        assert hung.is_set() and not release.is_set()
+        second = engine.generate(requests)  # the hung lookup still hangs
+        assert not release.is_set()
+    database.close()
+
+    timeout_reply = f"error: the tool timed out after {HANG_TIMEOUT_S:g} s"
+    first_calls = [call for c in first for call in c.tool_calls]
+    assert [call["reply"] for call in first_calls].count(timeout_reply) == 1, [call["reply"] for call in first_calls]
+    for batch in (first, second):
+        for record, completion in zip(records, batch):
+            if batch is first and any(call["reply"] == timeout_reply for call in completion.tool_calls):
+                continue  # the hung question: what it answers after an error reply is not tested
+            (call,) = completion.tool_calls
+            assert call["ok"] and call["reply"] == record["answer"]
+            assert answer_is_correct(generator.format.last_assistant_text(completion.tokens), record["answer"])
+            assert completion.finish_reason == "stop"

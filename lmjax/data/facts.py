@@ -29,7 +29,6 @@ alpha is, so two alphas with the same seed share names and every non-correlated 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmjax import cli
 from lmjax.dialog import tool_call_turns
 from lmjax.tools.facts_db import ATTRIBUTES, FactsDatabase, format_query
 
@@ -130,27 +130,34 @@ QUESTIONS = {
     "occupation": "What does {name} do for a living?",
 }
 
+# attribute -> every value an answer about it can state (birth dates are drawn, not listed: no
+# date is the tail of another, so a word boundary decides for them). Recall needs them to tell
+# "a civil engineer." from "an engineer.".
+ATTRIBUTE_VALUES = {"birth_place": COUNTRIES, "current_address": CITIES, "occupation": OCCUPATIONS}
+
 DIALOG_FILES = ("biographies", "qa", "qatool", "qa_unseen", "qatool_unseen")
 
 
 # ----------------------------------------------------------------------------- population
 
 
-def validate_params(num_people, seed, num_unseen, alpha) -> None:
-    """Raise ValueError with a one-line message on parameters that cannot make a population."""
-    if not isinstance(num_people, (int, np.integer)) or num_people <= 0:
-        raise ValueError(f"num_people must be a positive integer, got {num_people!r}.")
-    if not isinstance(num_unseen, (int, np.integer)) or num_unseen < 0:
-        raise ValueError(f"num_unseen must be a non-negative integer, got {num_unseen!r}.")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}.")
+def validate_params(num_people, seed, num_unseen, alpha, *, prefix="") -> None:
+    """Raise ValueError with a one-line message on parameters that cannot make a population;
+    `prefix` goes before each parameter's name (the config's "data.")."""
+    k = {name: prefix + name for name in ("num_people", "num_unseen", "seed", "alpha")}
+    if isinstance(num_people, bool) or not isinstance(num_people, (int, np.integer)) or num_people <= 0:
+        raise ValueError(f"{k['num_people']} must be a positive integer, got {num_people!r}.")
+    if isinstance(num_unseen, bool) or not isinstance(num_unseen, (int, np.integer)) or num_unseen < 0:
+        raise ValueError(f"{k['num_unseen']} must be a non-negative integer, got {num_unseen!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"{k['seed']} must be a non-negative integer, got {seed!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{k['alpha']} must lie in [0, 1], got {alpha!r}.")
     available = len(FIRST_NAMES) * len(LAST_NAMES)
     if num_people + num_unseen > available:
         raise ValueError(
             f"Asked for {num_people} + {num_unseen} unseen people but only {available} distinct "
-            f"first x last names exist; lower num_people or num_unseen."
+            f"first x last names exist; lower {k['num_people']} or {k['num_unseen']}."
         )
 
 
@@ -378,7 +385,7 @@ def load_or_generate(cache_root: str | Path, **params) -> Path:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="lmjax.data.facts", description="Generate the facts task (database + dialog files).")
+    parser = cli.ArgumentParser(prog="lmjax.data.facts", description="Generate the facts task (database + dialog files).")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num_people", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -388,8 +395,6 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmjax import cli
-
     return cli.run("lmjax.data.facts", parse_args, _generate, argv)
 
 

@@ -50,9 +50,12 @@ def eval_batches(examples, batch_size):
     return list(padded_batches(examples, seq_len=seq_len, batch_size=batch_size, keys=keys))
 
 
+NO_TOTALS = {"loss_sum": 0.0, "loss_tokens": 0.0, "answered": 0, "exact": 0, "answer_tokens": 0, "answer_correct": 0}
+
+
 def evaluate(eval_step, params, batches):
     """Summed statistics over the batches of one eval set."""
-    totals = {"loss_sum": 0.0, "loss_tokens": 0.0, "answered": 0, "exact": 0, "answer_tokens": 0, "answer_correct": 0}
+    totals = dict(NO_TOTALS)
     for batch, n_real in batches:
         out = jax.device_get(eval_step(params, batch))
         out = {k: v[:n_real] for k, v in out.items()}
@@ -100,6 +103,10 @@ class TeacherForced:
         self.batches = {name: eval_batches(examples, batch_size) for name, examples in sets.items()}
         self.summarize = summarize
         self.step = None
+
+    def metric_names(self) -> list:
+        """The names `__call__` reports: `summarize` of empty statistics has the same keys."""
+        return sorted(key for name in self.batches for key in self.summarize(name, dict(NO_TOTALS)))
 
     def prepare(self, env):
         self.step = make_eval_step(env.model.apply, layout=env.layout, param_shardings=env.param_shardings)

@@ -1,26 +1,27 @@
-"""python -m lmjax.generate --workdir W --prompt "When was Jana Wagner born?" [--tools facts]
+"""python -m lmjax.generate --workdir W --prompt "When was Jana Wagner born?" [--tools facts] [--tool_timeout_s 5]
 
 Prints each completion after its prompt; `--json` prints one JSON object per prompt instead.
 `--prompts FILE.jsonl`: one object per line with "prompt" (text) or a facts "dialog" (its first
 user turn is the prompt).
 """
-import argparse
 import json
 import sys
 
-from lmjax.cli import run
+from lmjax import cli
 from lmjax.xla_flags import tune_xla_cpu_flags
 
 PROG = "lmjax.generate"
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m lmjax.generate", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="lmjax.generate", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a training run folder (its latest checkpoint is used)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="JSONL file of prompts")
     p.add_argument("--tools", default=None, help="tool to execute mid-generation: facts")
+    p.add_argument("--tool_timeout_s", type=float, default=5.0,
+                   help="seconds a tool call may take; a later reply is 'error: the tool timed out ...'")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
@@ -65,18 +66,21 @@ def mesh_layout(text):
 
 
 def main(argv=None) -> int:
-    return run(PROG, parse_args, generate, argv)
+    return cli.run(PROG, parse_args, generate, argv)
 
 
 def generate(args) -> int:
     tune_xla_cpu_flags()
     from lmjax.generate.api import Generator
+    from lmjax.generate.engine import check_tool_timeout
 
     prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise ValueError("Give --prompt TEXT or --prompts FILE.jsonl.")
+    check_tool_timeout(args.tool_timeout_s)  # before the restore: a bad value costs nothing
     generator = Generator.from_workdir(
-        args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, lanes=args.lanes, layout=mesh_layout(args.mesh)
+        args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, lanes=args.lanes, layout=mesh_layout(args.mesh),
+        tool_timeout_s=args.tool_timeout_s,
     )
     completions = generator.generate(
         prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

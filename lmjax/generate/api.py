@@ -13,8 +13,10 @@ class Generator:
     """Holds a compiled decoder for (lanes, max_len, chunk); reuse it across calls."""
 
     def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0, layout=None):
-        """`layout`: generate on a mesh (lanes over `data`, kv heads over `model`); `params` must
-        be laid out on it (see `from_workdir`)."""
+        """`tool`: query text -> reply text, called in a thread per call; a call that takes longer
+        than `tool_timeout_s` seconds is answered `error: the tool timed out ...` and its lane
+        goes on. `layout`: generate on a mesh (lanes over `data`, kv heads over `model`);
+        `params` must be laid out on it (see `from_workdir`)."""
         self.tokenizer = tokenizer
         self.task_info = {}
         self.format = format_for(tokenizer)  # lmjax.dialog: prompts, stop tokens, tool calls

@@ -14,12 +14,16 @@ looks at the lanes only between chunks. There it
 
 A malformed query, an unknown person, a tool exception or a time-out becomes the reply
 `error: ...`, which the model reads like any other reply: the engine never raises for them.
+A call past its time-out is abandoned, not stopped (Python cannot stop a thread): its thread
+runs on, so a tool must let other calls run meanwhile (lmjax/tools/: the facts database gives
+each lookup its own connection).
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import dataclasses
+import math
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -54,10 +58,21 @@ class Completion:
     tool_calls: list[dict] = dataclasses.field(default_factory=list)  # {query, reply, ok, seconds}
 
 
+def check_tool_timeout(seconds: float) -> None:
+    """Raise ValueError unless `seconds` is a usable tool time-out."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ValueError(f"tool_timeout_s must be a positive, finite number of seconds, got {seconds!r}.")
+
+
 class ToolRunner:
     """Runs one tool call per thread; a call past its time-out is answered with an error."""
 
     def __init__(self, tool: Callable[[str], str], timeout_s: float):
+        check_tool_timeout(timeout_s)
         self.tool, self.timeout_s = tool, timeout_s
 
     def start(self, query: str):
@@ -118,6 +133,7 @@ class LaneEngine:
     def __init__(self, decoder: Decoder, params, tokenizer, *, tool=None, tool_timeout_s: float = 5.0,
                  tool_grace_s: float = 0.005, dialog_format=None):
         self.decoder, self.params, self.tokenizer = decoder, params, tokenizer
+        check_tool_timeout(tool_timeout_s)  # also without a tool: a bad setting is an error either way
         self.tool_grace_s = tool_grace_s
         self.format = dialog_format or format_for(tokenizer)  # lmjax.dialog.DialogFormat
         missing = set(self.format.stop_ids) - set(decoder.stop_ids.tolist())

@@ -1,6 +1,5 @@
 """python -m lmjax.grid GRID.py [--parallel K] [--root DIR] [--only TEXT] [--dry_run] [--retry_failed]
                               [--launcher local|slurm|multihost] [--slurm_* ...] [--hosts N]"""
-import argparse
 import shlex
 import sys
 
@@ -14,7 +13,7 @@ from lmjax import cli
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="lmjax.grid", description="Run a grid of lmjax.main runs (see README, Grids).")
+    p = cli.ArgumentParser(prog="lmjax.grid", description="Run a grid of lmjax.main runs (see README, Grids).")
     p.add_argument("grid", help="grid file: a Python file whose get_grid() returns a dict")
     p.add_argument("--parallel", type=int, default=None, help="runs at a time (local: default 1; slurm: the array's %%K)")
     p.add_argument("--root", default=None, help="folder for the run folders (default: the grid's root)")
@@ -28,12 +27,7 @@ def parse_args(argv):
     p.add_argument("--slurm_gpus", type=int, default=0, help="GPUs per run (default 0: none requested)")
     p.add_argument("--slurm_cpus", type=int, default=None, help="CPUs per run (#SBATCH --cpus-per-task)")
     p.add_argument("--hosts", type=int, default=None, help="multihost: processes (hosts) per run")
-    args = p.parse_args(argv)
-    if args.parallel is not None and args.parallel < 1:
-        p.error(f"--parallel must be at least 1, got {args.parallel}")
-    if args.launcher == "multihost" and not args.hosts:
-        p.error("--launcher multihost needs --hosts N")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -41,6 +35,14 @@ def main(argv=None) -> int:
 
 
 def _grid(args) -> int:
+    if args.launcher == "multihost" and not args.hosts:
+        raise GridError("--launcher multihost needs --hosts N.")
+    for flag, value, least in (("--parallel", args.parallel, 1), ("--hosts", args.hosts, 1),
+                               ("--slurm_cpus", args.slurm_cpus, 1), ("--slurm_gpus", args.slurm_gpus, 0)):
+        if value is not None and value < least:
+            raise GridError(f"{flag} must be at least {least}, got {value}.")
+    if not args.refresh > 0:
+        raise GridError(f"--refresh must be a positive number of seconds, got {args.refresh}.")
     grid = load_grid(args.grid, root=args.root)
     runs = selected_runs(grid, args.only)
     if not runs:

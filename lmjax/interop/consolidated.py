@@ -98,7 +98,8 @@ def tokenizer_info(config) -> dict:
 
 
 def export_run(workdir, out_dir, step=None, *, overwrite: bool = False) -> Path:
-    """Export checkpoint `step` (default: latest) of the run in `workdir` to `out_dir`; return `out_dir`."""
+    """Export checkpoint `step` (default: the newest intact one; a damaged `step` is a ValueError) of
+    the run in `workdir` to `out_dir`; return `out_dir`."""
     check_output_dir(out_dir, overwrite)  # before the restore, so a refusal costs nothing
     from lmjax.config import to_json
     from lmjax.run_dir import restore_params

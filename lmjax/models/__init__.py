@@ -16,9 +16,6 @@ INITS = ("normal", "fan_in")
 
 
 def _check_transformer(cfg: TransformerConfig):
-    for key in ("n_heads", "n_kv_heads"):
-        if getattr(cfg, key) <= 0:
-            raise ValueError(f"model.{key} must be a positive number, got {getattr(cfg, key)!r}.")
     if cfg.dim % cfg.n_heads or (cfg.dim // cfg.n_heads) % 2:
         raise ValueError(f"model.dim={cfg.dim} must split into model.n_heads={cfg.n_heads} heads of even size (RoPE).")
     if cfg.n_heads % cfg.n_kv_heads:
@@ -35,6 +32,35 @@ def _check_rnn(cfg):
     from lmjax.models.rnn import check_config
 
     check_config(cfg)
+
+
+# Sizes and constants of each family: (keys that must be positive, keys that may be 0 and what 0 means).
+SIZES = {
+    "transformer": (("n_heads", "n_kv_heads", "mlp_hidden", "rope_base", "norm_eps"),
+                    {"attention_block": "0 = no block skipping"}),
+    "mamba": (("d_state", "d_conv", "expand", "dt_min", "dt_max", "chunk_size", "norm_eps"),
+              {"dt_rank": "0 = dim/16"}),
+    "rnn": (("hawk_c", "chunk_size", "norm_eps"),
+            {"width": "0 = dim", "d_conv": "0 = no conv", "mlp_hidden": "0 = 3*dim"}),
+}
+
+
+def _check_sizes(family, cfg):
+    positive, zero_means = SIZES[family]
+    whole = {f.name for f in dataclasses.fields(cfg) if f.type in (int, "int")}
+    for key in (*positive, *zero_means):
+        value = getattr(cfg, key)
+        kind = int if key in whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"model.{key} must be a {'whole ' if key in whole else ''}number, got {value!r}.")
+    for key in positive:
+        if not getattr(cfg, key) > 0:  # NaN too
+            raise ConfigError(f"model.{key} must be a positive number, got {getattr(cfg, key)!r}.")
+    for key, meaning in zero_means.items():
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"model.{key} must be 0 or more ({meaning}), got {getattr(cfg, key)!r}.")
+    if family == "mamba" and not cfg.dt_min <= cfg.dt_max:
+        raise ConfigError(f"model.dt_min={cfg.dt_min!r} must not exceed model.dt_max={cfg.dt_max!r}.")
 
 
 MODELS.register("transformer")((TransformerConfig, Transformer, _check_transformer))
@@ -63,6 +89,7 @@ def model_config(implementation, section: dict):
         raise ConfigError(f"Unknown remat policy {cfg.remat!r} in model.remat; choose one of: {', '.join(REMAT_POLICIES)}.")
     if cfg.init not in INITS:
         raise ConfigError(f"Unknown init scheme {cfg.init!r} in model.init; choose one of: {', '.join(INITS)}.")
+    _check_sizes(implementation.model, cfg)
     try:
         check(cfg)
     except ValueError as error:

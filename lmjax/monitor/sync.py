@@ -13,7 +13,6 @@ what the run held (wandb's `resume="allow"` would instead drop every step below 
 Offline, each run is written to WORKDIR/wandb_sync/wandb/offline-run-<time>-<id> (the previous
 folder for that id is replaced), ready for `wandb sync`.
 """
-import argparse
 import json
 import shlex
 import shutil
@@ -127,7 +126,7 @@ def sync_run(run: Path, *, mode: str, project: str | None = None, entity: str | 
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run folders or folders holding runs")
     parser.add_argument("--mode", choices=("offline", "online"), default="offline",
                         help="offline: write wandb files to upload later with `wandb sync` (default); online: upload now")

@@ -5,7 +5,6 @@ metric, one colour per value of --group_by), and prints a short table of the run
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from lmjax import cli
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m lmjax.results", description=__doc__.split("\n\n")[1])
+    parser = cli.ArgumentParser(prog="lmjax.results", description=__doc__.split("\n\n")[1])
     parser.add_argument("runs", nargs="+", help="run folders, folders of runs, or glob patterns")
     parser.add_argument("--out", required=True, help="folder for runs.csv and curves.png")
     parser.add_argument("--metric", default="eval/qa_acc", help="metric to plot (default: eval/qa_acc)")
@@ -32,6 +31,8 @@ def _results(args) -> int:
     from lmjax.results.plots import plot_curves
 
     out = Path(args.out)
+    if not 0.0 <= args.smooth < 1.0:
+        raise ValueError(f"--smooth must lie in [0, 1) (an EMA weight; 0 = none), got {args.smooth!r}.")
     runs = load_runs(*args.runs)
     columns = [args.group_by] if args.group_by else []
     if args.group_by and args.group_by not in runs.columns:
@@ -41,6 +42,10 @@ def _results(args) -> int:
     if args.metric not in histories.columns:
         metrics = sorted(c for c in histories.columns if "/" in c)
         raise ValueError(f"No run logged {args.metric!r}; logged metrics: {', '.join(metrics) or 'none'}.")
+    if args.x != "step" and args.x not in histories.columns:
+        times = sorted(c for c in histories.columns if c.startswith("time/"))
+        raise ValueError(f"--x must be step or a logged metric (time/since_start_s: wall time), got {args.x!r}; "
+                         f"logged times: {', '.join(times) or 'none'}.")
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
     plot = plot_curves(histories, args.metric, args.group_by, out / "curves.png", x=args.x, smooth=args.smooth)

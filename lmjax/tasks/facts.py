@@ -31,10 +31,23 @@ class Section:
 
 
 def check(d: Section, *, vocab_size, seq_len):
+    from lmjax.data import facts
+
     if d.mode not in MODES:
         raise ConfigError(f"Unknown facts mode {d.mode!r} in data.mode; choose one of: {', '.join(MODES)}.")
-    if d.num_people <= 0:
-        raise ConfigError(f"data.num_people must be positive, got {d.num_people}.")
+    try:
+        facts.validate_params(d.num_people, d.seed, d.num_unseen, d.alpha, prefix="data.")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if d.tool_practice_people < 0:
+        raise ConfigError(f"data.tool_practice_people must be 0 or more (0 = none), got {d.tool_practice_people!r}.")
+    names = len(facts.FIRST_NAMES) * len(facts.LAST_NAMES)
+    if d.mode == "tool" and d.num_people + d.num_unseen + d.tool_practice_people > names:
+        raise ConfigError(
+            f"data.tool_practice_people={d.tool_practice_people} practice people do not fit beside "
+            f"{d.num_people} + {d.num_unseen} unseen people in the {names} distinct names; "
+            f"lower data.tool_practice_people to at most {max(names - d.num_people - d.num_unseen, 0)}."
+        )
     if vocab_size < BYTE_VOCAB:
         raise ConfigError(f"model.vocab_size={vocab_size} is below the byte tokenizer's {BYTE_VOCAB} ids.")
 
@@ -61,6 +74,7 @@ def recall_files(d: Section, folder: Path) -> dict:
 
 def build(d: Section, *, workdir, seq_len, eval_cfg, vocab_size):
     from lmjax.data import facts
+    from lmjax.data.pipeline import check_lengths
     from lmjax.dialog import encode_dialog, to_training_example
     from lmjax.data.tokenizer import ByteTokenizer
     from lmjax.eval.recall import RecallByGeneration
@@ -84,13 +98,17 @@ def build(d: Section, *, workdir, seq_len, eval_cfg, vocab_size):
         names = {person["name"] for person in facts.build_population(d.num_people, d.seed, d.num_unseen, d.alpha)}
         practice = facts.tool_practice_dialogs(d.tool_practice_people, d.seed, names)
         train = train + [to_training_example(encode_dialog(tokenizer, r["dialog"], answer=r["answer"])) for r in practice]
+    try:  # here, not at the first batch: a wrong train.seq_len is a config error, found before any compile
+        check_lengths(train, seq_len, "training")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     eval_sets = {"qa": qa}
     if d.mode == "tool":
         eval_sets["qa_unseen"] = examples(qa_file(d, unseen=True))
     evaluators = [TeacherForced(eval_sets, answer_exact_match, batch_size=eval_cfg.batch_size)]
     if eval_cfg.recall:
         evaluators.append(RecallByGeneration(
-            recall_files(d, folder), tokenizer, tool_data_dir=folder if d.mode == "tool" else None,
+            recall_files(d, folder), tokenizer, known_answers=facts.ATTRIBUTE_VALUES, tool_data_dir=folder if d.mode == "tool" else None,
             lanes=eval_cfg.recall_lanes, chunk=eval_cfg.recall_chunk, max_len=seq_len,
         ))
     return TaskData(train, tokenizer, evaluators)

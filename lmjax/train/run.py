@@ -1,7 +1,7 @@
 """Everything a training run needs, built once from a checked config: `build_run(config, workdir)`.
 
 The `Run` holds the task's batches and evaluators, the model, the device layout, the optimizer,
-the train state (fresh, or restored from the workdir's latest checkpoint), the jitted step, the
+the train state (fresh, or restored from the workdir's newest intact checkpoint), the jitted step, the
 metric writer, the checkpointer and the profiler. `Run.advance()` is one optimizer step; the
 loop (lmjax.train.loop) decides what happens around it.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from lmjax.config import RunConfig, check_resume_compatible, to_json
+from lmjax.config import RunConfig, check_resume_compatible, check_stop_when_names, to_json
 from lmjax.data.pipeline import InputShards, longest_example
 from lmjax.data.prefetch import Prefetcher
 from lmjax.eval import EvalEnv
@@ -143,6 +143,9 @@ def build_run(config: RunConfig, workdir) -> Run:
     task = TASKS.get(config.data.name).build(
         config.data, workdir=workdir, seq_len=t.seq_len, eval_cfg=config.eval, vocab_size=config.model.vocab_size
     )
+    # Before training: a stop_when on a metric the task never reports would never stop it.
+    names = {end: [n for e in task.evaluators if e.at_end == end for n in e.metric_names()] for end in (False, True)}
+    check_stop_when_names(t.stop_when, config.data.name, periodic=names[False], at_end=names[True])
     if is_lead and task.tokenizer is not None:
         save_run_tokenizer(workdir, task.tokenizer)
     model = build_model(config.model)
@@ -161,9 +164,9 @@ def build_run(config: RunConfig, workdir) -> Run:
     )
     c = config.checkpoint
     checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=c.keep, async_save=c.async_save)
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:
-        state, data_state = checkpointer.restore(abstract_train_state(init_state, config.seed, shardings))
+    resumed_from = checkpointer.resume_step()  # the newest intact step; damaged newer ones set aside
+    if resumed_from is not None:  # state and data position of that one step
+        state, data_state = checkpointer.restore(abstract_train_state(init_state, config.seed, shardings), resumed_from)
         batches.set_state(data_state)
     else:
         state = layout.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
