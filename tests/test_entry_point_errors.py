@@ -133,6 +133,13 @@ RUN_CASES = [
     ("lmjax.monitor.sync", ["{root}/nope"], "does not exist."),
     ("lmjax.monitor.sync", ["{root}/a_file"], "is not a folder"),
     ("lmjax.monitor.sync", ["{root}/mqar"], "metrics.jsonl:2 is not a JSON object"),
+    # Flags argparse itself refuses: one line too, not a usage block.
+    ("lmjax.generate", ["--workdir", "{root}/facts", "--prompt", "hi", "--step", "abc"], "argument --step: invalid int value"),
+    ("lmjax.eval.recall", [], "the following arguments are required: --workdir"),
+    ("lmjax.export", ["--workdir", "{root}/facts", "--out", "{root}/out", "--bogus"], "unrecognized arguments: --bogus"),
+    ("lmjax.grid", ["{root}/good_grid.py", "--launcher", "cloud"], "argument --launcher: invalid choice"),
+    ("lmjax.results", ["{root}/facts"], "the following arguments are required: --out"),
+    ("lmjax.monitor.sync", ["{root}/facts", "--mode", "later"], "argument --mode: invalid choice"),
 ]
 
 
