@@ -31,6 +31,6 @@ setup(
     ],
     extras_require={
         # torch 2.13.0 is pinned: it is the CPU wheel available offline; a looser spec pulls CUDA.
-        "test": ["pytest>=8", "portpicker>=1.6", "torch==2.13.0", "transformers>=4.45", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "portpicker>=1.6", "torch==2.13.0", "transformers>=4.45", "accelerate>=1.0"],
     },
 )

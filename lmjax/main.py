@@ -6,6 +6,7 @@ no checkpoint saved after it; 4 the run could not write its files (an unwritable
 disk); 143 stopped by SIGTERM or Ctrl-C after saving a checkpoint. Each failure is one line
 `lmjax: error: ...` on stderr; anything else is a bug and keeps its traceback.
 """
+import logging as std_logging
 import sys
 import time
 import traceback
@@ -65,14 +66,18 @@ def default_workdir(config):
 
 
 class _WriteFailuresReportedOnce:
-    """A filter for absl's logger: orbax logs a failed checkpoint write with its traceback from
-    each of its threads, then raises it in the training loop, which reports it in one line."""
+    """A filter for absl's and asyncio's loggers: orbax logs a failed checkpoint write with its
+    traceback from each of its threads (and asyncio, from a write task nobody awaits any more),
+    then the training loop raises it and reports it in one line."""
+
+    def __init__(self, source=""):
+        self.source = source
 
     def filter(self, record):
         from lmjax.train.actions import write_failure
 
         error = record.exc_info[1] if record.exc_info else None
-        return not ("orbax" in record.pathname and error is not None and write_failure(error) is not None)
+        return not (self.source in record.pathname and error is not None and write_failure(error) is not None)
 
 
 def _late_write_callbacks_ignored(unraisable, default=sys.unraisablehook):
@@ -89,7 +94,8 @@ def _late_write_callbacks_ignored(unraisable, default=sys.unraisablehook):
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-    logging.get_absl_logger().addFilter(_WriteFailuresReportedOnce())
+    logging.get_absl_logger().addFilter(_WriteFailuresReportedOnce("orbax"))
+    std_logging.getLogger("asyncio").addFilter(_WriteFailuresReportedOnce())
     sys.unraisablehook = _late_write_callbacks_ignored
     from lmjax.config import parse_config
     from lmjax.monitor.metrics import MetricsFileError

@@ -7,6 +7,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavy end-to-end tests, left out unless asked for with -m slow (CI runs them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a -m expression, the slow tests are left out, so the default run stays short."""
+    if config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 def tiny_facts_overrides(**extra):
     """A facts run small enough for unit tests: 8 people, a 1-layer d=32 model, a few steps."""
     base = {

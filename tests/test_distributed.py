@@ -80,11 +80,13 @@ def assert_summed(workers):
         assert (result["process_index"], result["process_count"], result["device_count"]) == (i, 2, 2)
 
 
+@pytest.mark.slow  # local processes and time-outs
 def test_two_processes_from_config_sum_their_ids_and_exit_cleanly(subprocess_env):
     # process 0 lingers past the heartbeat timeout after process 1 left: no false alarm
     assert_summed(two_workers("sum", clean_env(subprocess_env), linger_s=HEARTBEAT_S + 1))
 
 
+@pytest.mark.slow  # local processes and time-outs
 def test_two_processes_from_environment_variables_only(subprocess_env):
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
     workers = [
@@ -103,12 +105,14 @@ def slurm_env(subprocess_env, process_id, ntasks=2, port=0):
     )
 
 
+@pytest.mark.slow  # local processes and time-outs
 def test_two_processes_from_a_slurm_step_are_detected_by_jax(subprocess_env):
     port = portpicker.pick_unused_port()
     cfg = dict(init_timeout_s=30, heartbeat_timeout_s=HEARTBEAT_S)
     assert_summed([Worker("sum", cfg, slurm_env(subprocess_env, i, port=port)) for i in range(2)])
 
 
+@pytest.mark.slow  # local processes and time-outs
 def test_a_missing_peer_stops_the_process_at_init_timeout_with_one_line(subprocess_env):
     timeout_s = 3
     addresses = [f"127.0.0.1:{portpicker.pick_unused_port()}" for _ in range(2)]
@@ -127,6 +131,7 @@ def test_a_missing_peer_stops_the_process_at_init_timeout_with_one_line(subproce
         assert timeout_s <= elapsed < timeout_s + MARGIN_S
 
 
+@pytest.mark.slow  # local processes and time-outs
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_a_peer_that_dies_or_hangs_mid_run_stops_the_survivor_within_the_heartbeat_timeout(subprocess_env, how):
     survivor, victim = two_workers("loop", clean_env(subprocess_env))
@@ -145,6 +150,7 @@ def test_a_peer_that_dies_or_hangs_mid_run_stops_the_survivor_within_the_heartbe
     assert HEARTBEAT_S - 0.5 < elapsed < HEARTBEAT_S + MARGIN_S
 
 
+@pytest.mark.slow  # local processes and time-outs
 @pytest.mark.parametrize("failing", [0, 1])
 def test_a_peer_that_raises_stops_the_other_at_once_without_cpp_aborts(subprocess_env, failing):
     workers = two_workers("loop:60", clean_env(subprocess_env), crash=failing)
@@ -160,6 +166,7 @@ def test_a_peer_that_raises_stops_the_other_at_once_without_cpp_aborts(subproces
     assert "Check failure" not in failed_err + other_err
 
 
+@pytest.mark.slow  # local processes and time-outs
 def test_survivors_of_a_killed_coordinator_are_aborted_by_jax_at_once(subprocess_env):
     """Documents jax 0.10's behaviour that lmjax cannot change: no Python runs before the abort."""
     coordinator, survivor = two_workers("loop", clean_env(subprocess_env))

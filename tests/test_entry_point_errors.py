@@ -143,6 +143,7 @@ RUN_CASES = [
 ]
 
 
+@pytest.mark.slow  # ~50 subprocesses: run with -m slow (CI does); lmjax.main's table stays in the default run
 @pytest.mark.parametrize("module, args, message", RUN_CASES,
                          ids=[f"{m} {' '.join(a)}".replace("{root}/", "") for m, a, _ in RUN_CASES])
 def test_entry_point_refuses_a_bad_argument_in_one_line(module, args, message, runs, subprocess_env):

@@ -10,6 +10,8 @@ from conftest import tiny_facts_config
 from lmjax.data.facts import read_dialogs
 from lmjax.tools.facts_db import FactsDatabase
 
+pytestmark = pytest.mark.slow  # a 150-step training run and CLI subprocesses, ~3 min; tests/test_tool_call.py covers the same tool calls in-process
+
 STEPS = 150  # enough for a 2-layer d=32 model to learn the 8 in-tool dialogs of 2 people by heart
 
 

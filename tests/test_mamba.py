@@ -141,6 +141,7 @@ def test_every_parameter_has_logical_axis_names():
     assert names == {"layers", "embed", "mlp", "state", "conv", "rank", "vocab"}
 
 
+@pytest.mark.slow  # a training run; the scans and the model are tested against references above
 def test_mamba_trains_on_tiny_facts(tmp_path):
     from lmjax.train.loop import train
 

@@ -9,8 +9,11 @@ import subprocess
 
 import numpy as np
 import portpicker
+import pytest
 
 from conftest import cli, tiny_facts_overrides
+
+pytestmark = pytest.mark.slow  # two training processes, ~35 s: run with -m slow (CI does)
 
 
 def overrides(**extra):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # 8 simulated devices, ~2.5 min: run with -m slow (CI does)
+
 WORKER = Path(__file__).resolve().parent / "parallel_worker.py"
 MESHES = ("8x1", "4x2", "2x4", "1x8", "4x2-fsdp", "8x1-fsdp")
 

@@ -99,6 +99,7 @@ def test_every_parameter_has_logical_axis_names():
         assert {n for leaf in leaves for n in leaf.names} <= {"layers", "embed", "mlp", "conv", "rnn_in", "vocab"}
 
 
+@pytest.mark.slow  # training runs; the cells and scans are tested against references above
 @pytest.mark.parametrize("cell", ["hawk", "minlstm"])  # minGRU is minLSTM's simpler sibling; the loop is ~10 s a cell
 def test_rnn_trains_on_tiny_facts(cell, tmp_path):
     from lmjax.train.loop import train

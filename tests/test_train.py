@@ -67,6 +67,7 @@ def test_same_seed_same_numbers_other_seed_differs(tmp_path):
     assert metric_rows(tmp_path / "a") != metric_rows(tmp_path / "c")
 
 
+@pytest.mark.slow  # a second training run; block skipping's exactness is tested on the model in test_transformer.py
 def test_block_skipping_trains_like_the_full_attention(tmp_path):
     """Rows of 192 packed with ~70-token dialogs, blocks of 16: the loop's longest-sequence promise
     leaves out most keys, and the losses match the unblocked run's up to f32 summation order."""
@@ -111,6 +112,7 @@ def _wait_for_checkpoint(workdir, step, proc, timeout=120):
     raise AssertionError(f"no checkpoint {step} after {timeout}s")
 
 
+@pytest.mark.slow  # heavy end-to-end; resume is also tested in-process above and by experiments/fault_injection.py
 def test_resume_after_kill_is_bit_identical(tmp_path, subprocess_env):
     args = ["--config=" + str(ROOT / "configs" / "facts.py"), *_overrides_argv(**{"train.steps": 60, "checkpoint.every": 10})]
     subprocess.run(cli(*args, f"--workdir={tmp_path / 'full'}"), env=subprocess_env, check=True, capture_output=True)
@@ -140,6 +142,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, subprocess_env):
     assert len(steps) == 1 and 0 < steps[0] < 1000
 
 
+@pytest.mark.slow  # heavy end-to-end; resume is also tested in-process above and by experiments/fault_injection.py
 def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path):
     config = tiny_facts_config(**{"logging.wandb.mode": "offline", "train.steps": 4})
     train(config, tmp_path)

@@ -164,6 +164,7 @@ def test_sync_finds_runs_under_a_grid_root_and_keeps_their_ids(tmp_path):
     assert wandb_run_record(offline_folders(b / "wandb_sync", ids[b])[0]).display_name == "named-run"
 
 
+@pytest.mark.slow  # two training runs with wandb
 def test_resumed_training_continues_the_wandb_run_without_stepping_back(tmp_path, capsys):
     """An interrupted run (checkpoint at 4, steps up to 6 logged) resumed: same run id, steps only increase."""
     workdir = tmp_path / "run"
