@@ -5,7 +5,8 @@ import dataclasses
 from lmjax.models.attention import ATTENTION_IMPLEMENTATIONS
 from lmjax.models.mamba import Mamba, MambaConfig
 from lmjax.models.rnn import RNN, RNNConfig
-from lmjax.models.transformer import REMAT_POLICIES, Transformer, TransformerConfig
+from lmjax.models.layers import REMAT_POLICIES
+from lmjax.models.transformer import Transformer, TransformerConfig
 from lmjax.registry import ConfigError, Registry
 
 MODELS = Registry("implementation.model")

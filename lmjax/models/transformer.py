@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 from lmjax.models.attention import Attention, AttentionMask
 from lmjax.models.cache_spec import CacheLeaf
-from lmjax.models.layers import (  # noqa: F401  (REMAT_POLICIES: lmjax.config validates model.remat by it)
-    REMAT_POLICIES, Embedding, GatedMLP, RMSNorm, init_for, lm_head, record_activation_ms, remat_block, rope_angles,
+from lmjax.models.layers import (
+    Embedding, GatedMLP, RMSNorm, init_for, lm_head, record_activation_ms, remat_block, rope_angles,
     scanned_layers,
 )
 
