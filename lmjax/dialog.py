@@ -11,9 +11,11 @@ everything that depends on that rendering:
   * `tool_query` / `tool_reply`: the text of a call, and the tokens the engine writes back,
   * `last_assistant_text`: the text of the final assistant turn of a completion.
 
-`format_for(tokenizer)` picks the format named by the tokenizer's `dialog_format` attribute;
-plain-text tokenizers (Shakespeare's characters) have none and get `PlainText`. A new template
-(e.g. ChatML for a real tokenizer) is a new subclass registered in `DIALOG_FORMATS`.
+`format_for(tokenizer)` picks the format named by the tokenizer's `dialog_format` attribute:
+"byte" (`ByteDialog`, the byte tokenizer's specials) or "chatml" (`ChatML`, a real BPE
+tokenizer whose chat template is ChatML, SmolLM2's); plain-text tokenizers (Shakespeare's
+characters, sentencepiece) have none (None) and get `PlainText`. A new template is a new
+subclass registered in `DIALOG_FORMATS`.
 
 How a tool call sits in a dialog: the assistant writes the query as the content of its turn,
 the tool's reply is a `database` turn, and the assistant answers in a new turn
@@ -79,7 +81,7 @@ def tool_call_turns(query: str, reply: str) -> list[dict]:
 
 def format_for(tokenizer) -> "DialogFormat":
     """The dialog format of `tokenizer` (`PlainText` when it names none)."""
-    return DIALOG_FORMATS.get(getattr(tokenizer, "dialog_format", "none"))(tokenizer)
+    return DIALOG_FORMATS.get(getattr(tokenizer, "dialog_format", None) or "none")(tokenizer)
 
 
 def encode_dialog(tokenizer, dialog: list[dict], loss_on: str = "assistant", *, answer: str | None = None) -> dict:
@@ -144,7 +146,7 @@ class PlainText(DialogFormat):
     name = "none"
 
     def encode(self, dialog, loss_on="assistant", *, answer=None):
-        raise ValueError(f"{type(self.tokenizer).__name__} has no dialog format; encode dialogs with a dialog tokenizer (byte).")
+        raise ValueError(f"{type(self.tokenizer).__name__} has no dialog format; encode dialogs with a dialog tokenizer (byte, or a BPE one with a ChatML template).")
 
     def prompt(self, question):
         return list(self.tokenizer.encode(question))
@@ -268,3 +270,182 @@ class ByteDialog(DialogFormat):
         if tokens and tokens[-1] in self.stop_ids:
             tokens = tokens[:-1]
         return self.tokenizer.decode(_after_last(tokens, self.assistant_id))
+
+
+def _check_loss_on(loss_on):
+    if loss_on not in LOSS_ON_CHOICES:
+        raise ValueError(f"Unknown loss_on {loss_on!r}; choose one of: {', '.join(LOSS_ON_CHOICES)}.")
+
+
+def _answer_span(text: str, answer: str) -> tuple[int, int]:
+    """Character span of `answer` where it ends `text` (right before the final period)."""
+    end = len(text) - 1
+    return end - len(answer), end
+
+
+def _token_spans(tokenizer, ids) -> list[tuple[int, int]]:
+    """Character span of each token in the decoded text of `ids` (via decoded prefixes; a token
+    that splits a character shares its span)."""
+    ends = [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]
+    starts = [0, *ends[:-1]]
+    return list(zip(starts, ends))
+
+
+@DIALOG_FORMATS.register("chatml")
+class ChatML(DialogFormat):
+    """ChatML, the template of SmolLM2 (and Qwen) instruct models: every turn is
+
+        <|im_start|>role\ncontent<|im_end|>\n
+
+    with role user, assistant or system. A dialog that does not start with a system turn gets
+    the template's default system turn first, read out of the tokenizer's `chat_template` (by
+    rendering it, so nothing is hard-coded), as `apply_chat_template` does. A prompt ends with
+    `<|im_start|>assistant\n`; a generation stops at `<|im_end|>` or the tokenizer's eos.
+
+    No tool calls in ChatML yet: `call_id` is None, `tool_query` / `tool_reply` raise, and a
+    "database" turn is refused.
+
+    Token-for-token, the encoding equals the tokenizer applied to the rendered template, except
+    where a turn's content starts with whitespace: the `role\n` header is encoded on its own, so
+    a prompt is always a prefix of the encoded dialog (a template rendered as one string may
+    merge that "\n" with the whitespace after it).
+    """
+
+    name = "chatml"
+    ROLES = ("system", "user", "assistant")
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.start_id = tokenizer.special_id("<|im_start|>")
+        self.end_id = tokenizer.special_id("<|im_end|>")
+        eos = getattr(tokenizer, "eos_id", None)
+        self.stop_ids = tuple(dict.fromkeys(i for i in (self.end_id, eos) if i is not None))
+        self.call_id = None
+        self.newline_ids = list(tokenizer.encode("\n"))
+        self.header_ids = {role: [self.start_id, *tokenizer.encode(f"{role}\n")] for role in self.ROLES}
+        self.default_system = default_system_prompt(getattr(tokenizer, "chat_template", None))
+
+    def _turns(self, dialog):
+        turns = []
+        for index, turn in enumerate(dialog):
+            role = turn.get("source", turn.get("role"))
+            if role == TOOL_SOURCE:
+                raise ValueError(f"Turn {index} is a {TOOL_SOURCE!r} turn; ChatML has no tool calls yet.")
+            if role not in self.ROLES:
+                raise ValueError(f"Turn {index} has unknown source {role!r}; choose one of: {', '.join(self.ROLES)}.")
+            turns.append((role, turn["content"]))
+        if self.default_system is not None and turns and turns[0][0] != "system":
+            turns.insert(0, ("system", self.default_system))
+        return turns
+
+    def encode(self, dialog, loss_on="assistant", *, answer=None):
+        """Token ids and masks of one dialog (masks say what each token is, as in `ByteDialog.encode`).
+
+        loss_on="assistant": targets are each assistant turn's content and the `<|im_end|>` that
+          closes it (the model learns when to stop); headers, the "\n" after `<|im_end|>` and
+          every other turn are not. loss_on="all": every position except 0.
+        answer: `answer_mask` marks the tokens of the last assistant turn that overlap the answer
+          right before its final period (a BPE token may hold a space before it too).
+        `prompt_mask`: everything up to and including the first assistant header (`prompt`).
+        """
+        _check_loss_on(loss_on)
+        if not dialog:
+            raise ValueError("Cannot encode an empty dialog; it needs at least one turn.")
+        tokens: list[int] = []
+        is_target: list[bool] = []
+        prompt_end = None
+        last_content = None  # (start, content ids, text) of the last assistant turn
+        for role, content in self._turns(dialog):
+            header = self.header_ids[role]
+            tokens.extend(header)
+            is_target.extend([False] * len(header))
+            if role == "assistant" and prompt_end is None:
+                prompt_end = len(tokens)
+            content_ids = list(self.tokenizer.encode(content))
+            if role == "assistant":
+                last_content = (len(tokens), content_ids, content)
+            tokens.extend(content_ids)
+            tokens.append(self.end_id)
+            is_target.extend([role == "assistant"] * (len(content_ids) + 1))
+            tokens.extend(self.newline_ids)
+            is_target.extend([False] * len(self.newline_ids))
+
+        n = len(tokens)
+        prompt_mask = np.zeros(n, dtype=bool)
+        if loss_on == "assistant" and prompt_end is not None:
+            prompt_mask[:prompt_end] = True
+        if loss_on == "all":
+            loss_mask = np.ones(n, dtype=bool)
+            loss_mask[0] = False
+        else:
+            loss_mask = np.asarray(is_target, dtype=bool)
+
+        answer_mask = np.zeros(n, dtype=bool)
+        if answer:
+            if last_content is None:
+                raise ValueError(f"Dialog has an answer {answer!r} but no assistant turn to hold it.")
+            start, content_ids, text = last_content
+            if not answer_is_correct(text, answer):
+                raise ValueError(
+                    f"Last assistant turn {text!r} does not end with '{answer}.' after a word boundary; "
+                    f"the answer mask needs the answer right before the final period, after a non-word character."
+                )
+            a, b = _answer_span(text, answer)
+            for offset, (lo, hi) in enumerate(_token_spans(self.tokenizer, content_ids)):
+                if lo < b and hi > a:
+                    answer_mask[start + offset] = True
+        return {
+            "tokens": np.asarray(tokens, dtype=np.int32),
+            "loss_mask": loss_mask,
+            "answer_mask": answer_mask,
+            "prompt_mask": prompt_mask,
+        }
+
+    def prompt(self, question):
+        """[default system turn] `<|im_start|>user\nquestion<|im_end|>\n<|im_start|>assistant\n`;
+        no tokens for an empty question."""
+        if not question:
+            return []
+        encoded = self.encode([{"source": "user", "content": question}, {"source": "assistant", "content": ""}])
+        return encoded["tokens"][encoded["prompt_mask"]].tolist()
+
+    def tool_query(self, tokens):
+        raise NotImplementedError("ChatML has no tool calls yet.")
+
+    def tool_reply(self, reply):
+        raise NotImplementedError("ChatML has no tool calls yet.")
+
+    def last_assistant_text(self, tokens):
+        """Text after the last `<|im_start|>assistant\n` (all of it without one), without the stop token."""
+        tokens = [int(t) for t in tokens]
+        if tokens and tokens[-1] in self.stop_ids:
+            tokens = tokens[:-1]
+        header = self.header_ids["assistant"]
+        for at in range(len(tokens) - len(header), -1, -1):
+            if tokens[at : at + len(header)] == header:
+                tokens = tokens[at + len(header) :]
+                break
+        return self.tokenizer.decode(tokens)
+
+
+def default_system_prompt(chat_template: str | None) -> str | None:
+    """The system message a ChatML `chat_template` adds when a dialog has none (None: it adds none).
+
+    Read by rendering the template (jinja2, sandboxed) for a dialog of one user turn and taking
+    the content of the system turn it puts before it."""
+    if not chat_template:
+        return None
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    marker = "\u0000QUESTION\u0000"
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    rendered = env.from_string(chat_template).render(
+        messages=[{"role": "user", "content": marker}], add_generation_prompt=False,
+        bos_token="", eos_token="",
+    )
+    before = rendered[: rendered.find("<|im_start|>user\n")]
+    opening = "<|im_start|>system\n"
+    if opening not in before:
+        return None
+    body = before[before.index(opening) + len(opening) :]
+    return body[: body.index("<|im_end|>")] if "<|im_end|>" in body else body

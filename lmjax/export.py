@@ -1,8 +1,11 @@
-"""python -m lmjax.export --workdir W --out DIR [--step N] [--overwrite]
+"""python -m lmjax.export --workdir W --out DIR [--step N] [--overwrite] [--format consolidated|hf]
 
-Writes DIR/model.safetensors (every parameter as one full array, named by its path joined with
-'.') and DIR/params.json (model config, step, run config); load them back, on any machine and
-without a mesh, with `lmjax.interop.consolidated.load_consolidated(DIR)`.
+consolidated (the default): DIR/model.safetensors (every parameter as one full array, named by
+its path joined with '.') and DIR/params.json (model config, step, run config); load them back,
+on any machine and without a mesh, with `lmjax.interop.consolidated.load_consolidated(DIR)`.
+
+hf: DIR as a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors, and the
+tokenizer's files when the run's tokenizer can write them); transformer runs only.
 """
 import sys
 
@@ -18,6 +21,8 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="folder to write model.safetensors and params.json into")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
     p.add_argument("--overwrite", action="store_true", help="replace an export already in --out")
+    p.add_argument("--format", choices=("consolidated", "hf"), default="consolidated",
+                   help="consolidated: lmjax's own; hf: a Hugging Face Llama folder (transformer runs)")
     return p.parse_args(argv)
 
 
@@ -32,6 +37,13 @@ def export(args) -> int:
     from lmjax.interop.consolidated import MODEL_FILE, PARAMS_FILE, export_run, read_params_json
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+    if args.format == "hf":
+        from lmjax.interop.hf import export_run_hf
+
+        out = export_run_hf(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
+        files = ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
+        print(f"{PROG}: {args.workdir} -> {out} as a Hugging Face Llama folder ({files})")
+        return 0
     out = export_run(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
     header = read_params_json(out)
     megabytes = (out / MODEL_FILE).stat().st_size / 1e6

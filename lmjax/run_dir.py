@@ -382,41 +382,25 @@ def restore_params(workdir, step=None, layout=None):
 
 def save_run_tokenizer(workdir, tokenizer):
     """WORKDIR/tokenizer.json, so that generation needs neither the dataset nor its text to
-    rebuild the tokenizer (process 0 writes, atomically). `None` (plain ids) writes nothing."""
-    from lmjax.data.shakespeare import CharTokenizer
-    from lmjax.data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
-
-    if tokenizer is None:
+    rebuild the tokenizer (process 0 writes, atomically). `None` (plain ids) writes nothing.
+    Any tokenizer of `lmjax.data.tokenizers` (byte, char, sentencepiece, bpe) can be saved."""
+    if tokenizer is None or jax.process_index() != 0:
         return
-    if isinstance(tokenizer, CharTokenizer):
-        saved = tokenizer.to_dict()
-    elif isinstance(tokenizer, ByteTokenizer):
-        saved = {"type": "byte", "special_tokens": dict(SPECIAL_TOKENS)}
-    else:
-        raise TypeError(f"save_run_tokenizer does not know how to save a {type(tokenizer).__name__}.")
-    _write_atomically(Path(workdir) / TOKENIZER_FILE, json.dumps(saved, indent=2) + "\n")
+    from lmjax.data.tokenizers import save_tokenizer
+
+    if not callable(getattr(tokenizer, "to_dict", None)):
+        raise TypeError(f"save_run_tokenizer does not know how to save a {type(tokenizer).__name__} (it has no to_dict).")
+    save_tokenizer(Path(workdir) / TOKENIZER_FILE, tokenizer)
 
 
 def _tokenizer_from_file(path: Path):
-    from lmjax.data.shakespeare import CharTokenizer
-    from lmjax.data.tokenizer import SPECIAL_TOKENS, ByteTokenizer
+    from lmjax.data.tokenizers import load_tokenizer
 
-    saved = json.loads(path.read_text())
-    if saved.get("type") == "char":
-        return CharTokenizer.from_dict(saved)
-    if saved.get("type") == "byte":
-        changed = {k: v for k, v in saved.get("special_tokens", {}).items() if SPECIAL_TOKENS.get(k) != v}
-        if changed:  # specials are only ever appended, so a run's ids must all still hold
-            raise ValueError(
-                f"{str(path)!r} holds special tokens {changed} that this lmjax's byte tokenizer numbers "
-                f"differently ({SPECIAL_TOKENS}); use the lmjax version the run was trained with."
-            )
-        return ByteTokenizer()
-    raise ValueError(f"{str(path)!r} holds an unknown tokenizer type {saved.get('type')!r}; expected 'char' or 'byte'.")
+    return load_tokenizer(path)
 
 
 def _facts_tokenizer():
-    from lmjax.data.tokenizer import ByteTokenizer
+    from lmjax.data.tokenizers.byte import ByteTokenizer
 
     return ByteTokenizer()
 

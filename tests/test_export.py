@@ -159,3 +159,40 @@ def test_cli_errors_are_one_line(runs, tmp_path, subprocess_env, case, message):
     assert len(result.stderr.strip().splitlines()) == 1
     if case == "unknown step":
         assert "saved steps: 2, 4." in result.stderr
+
+
+# -- --format hf: a Hugging Face Llama folder -------------------------------------------------------
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_hf_format_loads_in_transformers_with_lmjax_logits(runs, tmp_path, scan, capsys):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lmjax.export import main
+
+    assert main(["--workdir", str(runs[scan]), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert "as a Hugging Face Llama folder (config.json, model.safetensors" in capsys.readouterr().out
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 96 and config["num_key_value_heads"] == 1  # train.seq_len, GQA
+
+    model, params = checkpoint_params(runs[scan])
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager").eval()
+    tokens_BxL = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (2, 24), 0, model.cfg.vocab_size))
+    want = np.asarray(jax.jit(model.apply)({"params": params}, tokens_BxL))
+    with torch.no_grad():
+        got = hf(input_ids=torch.tensor(tokens_BxL)).logits.numpy()
+    # f32 both sides, the same weights: only the order of operations differs (~1e-6 relative per
+    # op over two blocks); any wrong transpose or head split moves logits by their own scale
+    # (~0.5 after four training steps), so the bound is relative to it.
+    scale = np.abs(want).max()
+    assert scale > 0.1
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale)
+
+
+def test_hf_format_refuses_other_model_families(tmp_path):
+    from lmjax.config import to_json
+    from lmjax.interop.hf import export_run_hf
+
+    (tmp_path / "config.json").write_text(to_json(tiny_facts_config(**{"implementation.model": "mamba"})))
+    with pytest.raises(ValueError, match="is a mamba run; the Hugging Face export writes transformers only"):
+        export_run_hf(tmp_path, tmp_path / "hf")

@@ -101,7 +101,7 @@ def test_packed_prompt_flags_stay_with_their_dialog():
     """Each dialog's prompt (prefix-LM) is packed with it: a prefix of its segment, of the
     length the dialog encoder gave it."""
     from lmjax.dialog import encode_dialog, to_training_example
-    from lmjax.data.tokenizer import ByteTokenizer
+    from lmjax.data.tokenizers.byte import ByteTokenizer
 
     tok = ByteTokenizer()
     examples = [

@@ -153,7 +153,7 @@ def trained_on(name):
 
 def test_run_tokenizer_without_a_saved_one_comes_from_the_config(run, tmp_path):
     from lmjax.data import shakespeare
-    from lmjax.data.tokenizer import ByteTokenizer
+    from lmjax.data.tokenizers.byte import ByteTokenizer
 
     assert (run / run_dir.TOKENIZER_FILE).is_file()  # training saves it
     old = tmp_path / "old_run"  # a run saved before tokenizer.json existed
@@ -169,7 +169,7 @@ def test_run_tokenizer_without_a_saved_one_comes_from_the_config(run, tmp_path):
 
 def test_saved_tokenizer_is_the_one_a_run_gets_back(run, tmp_path):
     from lmjax.data.shakespeare import CharTokenizer
-    from lmjax.data.tokenizer import ByteTokenizer
+    from lmjax.data.tokenizers.byte import ByteTokenizer
 
     config = trained_on("shakespeare")
     chars = CharTokenizer.from_text("to be or not")
@@ -184,8 +184,8 @@ def test_saved_tokenizer_is_the_one_a_run_gets_back(run, tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps({"type": "byte", "special_tokens": {"eod": 256}}))
     with pytest.raises(ValueError, match="numbers differently"):
         run_dir.run_tokenizer(config, tmp_path)
-    (tmp_path / "tokenizer.json").write_text(json.dumps({"type": "sentencepiece"}))
-    with pytest.raises(ValueError, match="unknown tokenizer type 'sentencepiece'"):
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"type": "wordpiece"}))
+    with pytest.raises(ValueError, match="unknown tokenizer type 'wordpiece'"):
         run_dir.run_tokenizer(config, tmp_path)
 
 

@@ -89,12 +89,65 @@ def test_char_tokenizer_round_trip_and_json(text):
         tok.encode("~")
 
 
-def test_make_tokenizer_by_name():
+def test_make_tokenizer_by_name(text):
+    assert shakespeare.make_tokenizer("chars", "ab") == shakespeare.CharTokenizer("ab")
     assert isinstance(shakespeare.make_tokenizer("char", "ab"), shakespeare.CharTokenizer)
     byte_tok = shakespeare.make_tokenizer("byte", "ignored")
     assert byte_tok.decode(byte_tok.encode("HAMLET:\nAy.")) == "HAMLET:\nAy."
-    with pytest.raises(ValueError, match="choose one of: byte, char"):
-        shakespeare.make_tokenizer("chars", "ab")
+    pieces = shakespeare.make_tokenizer("sentencepiece", text[:200_000], 512)
+    assert pieces.vocab_size == 512 and pieces == shakespeare.make_tokenizer("sentencepiece", text[:200_000], 512)
+    assert pieces.decode(pieces.encode(text[-3000:])) == text[-3000:]
+    with pytest.raises(ValueError, match="choose one of: byte, chars, sentencepiece"):
+        shakespeare.make_tokenizer("bpe", "ab")
+
+
+def test_tokenizer_choice_is_checked_in_one_line():
+    from lmjax.registry import ConfigError
+    from lmjax.tasks.shakespeare import Section, check
+
+    check(Section(), vocab_size=128, seq_len=64)
+    check(Section(tokenizer="sentencepiece", vocab_size=1024), vocab_size=1024, seq_len=64)
+    for section, vocab_size, message in [
+        (Section(tokenizer="sentencepiece", vocab_size=1024), 512, "model.vocab_size=512 is smaller than data.vocab_size=1024"),
+        (Section(tokenizer="sentencepiece"), 512, "needs data.vocab_size >= 300"),
+        (Section(tokenizer="wordpiece"), 512, "choose one of: byte, chars, sentencepiece"),
+        (Section(vocab_size=1024), 1024, "leave it 0 with data.tokenizer=chars"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check(section, vocab_size=vocab_size, seq_len=64)
+
+
+def test_a_sentencepiece_run_trains_saves_its_tokenizer_and_generates(tmp_path, subprocess_env, capsys):
+    """Through `python -m lmjax.main`: a few steps of a tiny model on sentencepiece ids, then
+    `lmjax.generate`'s main (in this process) reads the tokenizer back from the run folder."""
+    import subprocess
+
+    from lmjax.generate.__main__ import main as generate_main
+
+    from conftest import ROOT, cli
+
+    from lmjax.data.tokenizers import load_tokenizer
+    from lmjax.data.tokenizers.sentencepiece import SentencePieceTokenizer
+
+    workdir = tmp_path / "run"
+    overrides = {
+        "data.tokenizer": "sentencepiece", "data.vocab_size": 384, "model.vocab_size": 384, "model.dim": 32,
+        "model.n_layers": 1, "model.n_heads": 2, "model.n_kv_heads": 1, "model.mlp_hidden": 64, "train.steps": 3,
+        "train.batch_size": 2, "train.seq_len": 32, "train.log_every": 1, "train.eval_every": 3, "eval.max_batches": 1,
+        "eval.batch_size": 2, "checkpoint.every": 3, "logging.progress_bar": False, "optim.warmup_steps": 1,
+    }
+    args = [f"--config={ROOT / 'configs' / 'shakespeare.py'}", f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+    trained = subprocess.run(cli(*args), capture_output=True, text=True, env=subprocess_env, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    saved = load_tokenizer(workdir / "tokenizer.json")
+    train_text, _ = shakespeare.split_train_val(shakespeare.load_text(), 0.05)
+    assert saved == SentencePieceTokenizer.train(train_text, 384)  # trained on the training split, deterministic
+
+    capsys.readouterr()
+    assert generate_main(["--workdir", str(workdir), "--prompt", "ROMEO:", "--json", "--max_new_tokens", "8"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "ROMEO:" and len(line["tokens"]) == 8
+    assert all(0 <= t < 384 for t in line["tokens"]) and line["text"] == saved.decode(line["tokens"])
 
 
 def test_windows_shift_targets_by_one():

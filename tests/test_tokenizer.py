@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.data.tokenizers.byte import ByteTokenizer
 
 
 def random_unicode_text(rng, length):

@@ -17,7 +17,7 @@ import optax
 from test_facts_db import first_sql_statement_hangs
 
 from lmjax.data.facts import generate_facts, read_dialogs
-from lmjax.data.tokenizer import ByteTokenizer
+from lmjax.data.tokenizers.byte import ByteTokenizer
 from lmjax.dialog import answer_is_correct, encode_dialog, to_training_example, user_question
 from lmjax.eval.recall import qa_recall
 from lmjax.generate.api import Generator

@@ -155,7 +155,7 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path):
 
 
 def test_tool_mode_trains_on_tool_dialogs_and_reports_unseen_people(tmp_path):
-    from lmjax.data.tokenizer import ByteTokenizer
+    from lmjax.data.tokenizers.byte import ByteTokenizer
 
     database = ByteTokenizer().special_id("database")
     tool = build_task(tiny_facts_config(**{"data.mode": "tool", "train.seq_len": 160}), tmp_path / "tool")

@@ -13,17 +13,19 @@ continues in the same block, because the same person is still talking. Prologues
 without a speaker line become `PROLOGUE:` / `EPILOGUE:`; the ~80 other lines the markdown gives
 no speaker (wrapped scene headings, a soliloquy in Timon of Athens) are dropped.
 
-Tokenizers: `CharTokenizer` (the default, vocabulary = sorted character set of the text, 76
-symbols) or the lmjax byte tokenizer (`make_tokenizer("byte", text)`: 256 bytes + specials),
-which lets the same model config read Shakespeare and the facts task.
+Tokenizers (`make_tokenizer`): `chars` (the default, `CharTokenizer`: vocabulary = sorted
+character set of the text, 76 symbols), `sentencepiece` (trained on the training split, a given
+vocabulary size) or the lmjax byte tokenizer (`byte`: 256 bytes + specials), which lets the same
+model config read Shakespeare and the facts task.
 """
 
-import dataclasses
 import importlib.resources
 import pathlib
 import re
 
 import numpy as np
+
+from lmjax.data.tokenizers import chars
 
 # --- markdown -> plain text -------------------------------------------------------------------
 
@@ -121,59 +123,28 @@ def split_train_val(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
 
 # --- tokenizers ---------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class CharTokenizer:
-    """One id per distinct character, ids in sorted character order (stable across runs)."""
+# The character tokenizer lives with the others; re-exported here, where Shakespeare runs find it.
+CharTokenizer = chars.CharTokenizer
 
-    chars: str
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def _index(self) -> dict[str, int]:
-        # Built per call and cached on the instance; frozen dataclass, so go through __dict__.
-        if "_id_of" not in self.__dict__:
-            object.__setattr__(self, "_id_of", {c: i for i, c in enumerate(self.chars)})
-        return self.__dict__["_id_of"]
-
-    def encode(self, text: str) -> list[int]:
-        id_of = self._index()
-        try:
-            return [id_of[c] for c in text]
-        except KeyError as e:
-            raise ValueError(f"Character {e.args[0]!r} is not in this tokenizer's vocabulary "
-                             f"of {self.vocab_size}; build it from a text that contains it.") from None
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def to_dict(self) -> dict:
-        return {"type": "char", "chars": self.chars}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CharTokenizer":
-        if d.get("type") != "char":
-            raise ValueError(f"Not a char tokenizer dict (type={d.get('type')!r}).")
-        return cls(d["chars"])
+TOKENIZERS = ("byte", "chars", "sentencepiece")
 
 
-TOKENIZERS = ("byte", "char")
+def make_tokenizer(name: str, text: str, vocab_size: int = 0):
+    """The tokenizer `name` for a corpus `text` (pass the training split: nothing else is read).
 
-
-def make_tokenizer(name: str, text: str):
-    """`char` (default for Shakespeare) or `byte` (lmjax.data.tokenizer.ByteTokenizer)."""
-    if name == "char":
+    chars: one id per character of `text` (the default); byte: lmjax's byte tokenizer (256 bytes +
+    specials, so one model config reads Shakespeare and the facts task); sentencepiece: trained on
+    `text` with `vocab_size` pieces (deterministic: the same text gives the same ids).
+    """
+    if name in ("chars", "char"):  # "char": the tokenizer.json type name, accepted too
         return CharTokenizer.from_text(text)
     if name == "byte":
-        from lmjax.data.tokenizer import ByteTokenizer  # imported late: only this path needs it
+        from lmjax.data.tokenizers.byte import ByteTokenizer  # imported late: only this path needs it
         return ByteTokenizer()
-    raise ValueError(f"Unknown tokenizer {name!r} for shakespeare; choose one of: "
-                     f"{', '.join(TOKENIZERS)}.")
+    if name == "sentencepiece":
+        from lmjax.data.tokenizers.sentencepiece import SentencePieceTokenizer
+        return SentencePieceTokenizer.train(text, vocab_size)
+    raise ValueError(f"Unknown tokenizer {name!r} for shakespeare; choose one of: {', '.join(TOKENIZERS)}.")
 
 
 def encode_to_array(text: str, tokenizer) -> np.ndarray:

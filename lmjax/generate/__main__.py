@@ -1,8 +1,11 @@
 """python -m lmjax.generate --workdir W --prompt "When was Jana Wagner born?" [--tools facts] [--tool_timeout_s 5]
+python -m lmjax.generate --model SmolLM2.gguf|HF_FOLDER --prompt "What is the capital of France?" [--no_chat]
 
-Prints each completion after its prompt; `--json` prints one JSON object per prompt instead.
-`--prompts FILE.jsonl`: one object per line with "prompt" (text) or a facts "dialog" (its first
-user turn is the prompt).
+Prints each completion after its prompt (one prompt: token by token, as it is decoded); `--json`
+prints one JSON object per prompt instead. `--prompts FILE.jsonl`: one object per line with
+"prompt" (text) or a facts "dialog" (its first user turn is the prompt). Text prompts go through
+the model's chat template (ChatML for SmolLM2, lmjax's dialog tokens for facts runs) unless
+`--no_chat`, which continues them as plain text.
 """
 import json
 import sys
@@ -15,7 +18,9 @@ PROG = "lmjax.generate"
 
 def parse_args(argv):
     p = cli.ArgumentParser(prog="lmjax.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True, help="a training run folder (its latest checkpoint is used)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a training run folder (its latest checkpoint is used)")
+    source.add_argument("--model", help="imported weights: a GGUF file or a Hugging Face Llama folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="JSONL file of prompts")
@@ -29,7 +34,8 @@ def parse_args(argv):
     p.add_argument("--min_p", type=float, default=0.0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lanes", type=int, default=8)
-    p.add_argument("--max_len", type=int, default=None, help="cache slots per lane (default: train.seq_len)")
+    p.add_argument("--max_len", type=int, default=None, help="cache slots per lane (default: train.seq_len; --model: 1024)")
+    p.add_argument("--no_chat", action="store_true", help="continue text prompts as they are, without the chat template")
     p.add_argument("--mesh", default=None, help="DATAxMODEL devices, e.g. 4x2 (lanes over data, kv heads over "
                    "model); default: one device")
     p.add_argument("--json", action="store_true", help="print JSON lines")
@@ -78,20 +84,47 @@ def generate(args) -> int:
     if not prompts:
         raise ValueError("Give --prompt TEXT or --prompts FILE.jsonl.")
     check_tool_timeout(args.tool_timeout_s)  # before the restore: a bad value costs nothing
-    generator = Generator.from_workdir(
-        args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, lanes=args.lanes, layout=mesh_layout(args.mesh),
-        tool_timeout_s=args.tool_timeout_s,
-    )
+    options = dict(lanes=args.lanes, layout=mesh_layout(args.mesh), tool_timeout_s=args.tool_timeout_s)
+    if args.model:
+        if args.tools or args.step is not None:
+            raise ValueError("--tools and --step need a training run (--workdir), not --model.")
+        generator = Generator.from_pretrained(args.model, max_len=args.max_len or 1024, **options)
+    else:
+        generator = Generator.from_workdir(args.workdir, step=args.step, tools=args.tools, max_len=args.max_len, **options)
+    stream = len(prompts) == 1 and not args.json
+    if stream:
+        print(f">>> {prompts[0]}", flush=True)
     completions = generator.generate(
         prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, progress=len(prompts) > 1 and not args.json,
+        chat=not args.no_chat, on_tokens=TextStream(generator.tokenizer, set(generator.format.stop_ids) - {generator.format.call_id}) if stream else None,
     )
     for prompt, c in zip(prompts, completions):
         if args.json:
             print(json.dumps({"prompt": prompt, "text": c.text, "tokens": c.tokens, "finish_reason": c.finish_reason, "tool_calls": c.tool_calls}))
+        elif stream:
+            print(f"\n[{c.finish_reason}, {len(c.tool_calls)} tool call(s)]\n")
         else:
             print(f">>> {prompt}\n{c.text}\n[{c.finish_reason}, {len(c.tool_calls)} tool call(s)]\n")
     return 0
+
+
+class TextStream:
+    """Prints one completion's text as its tokens arrive, without the tokens that end it. Tokens
+    are decoded together and only the new text is printed, so a character split over several
+    tokens prints once, whole."""
+
+    def __init__(self, tokenizer, stop_ids=(), out=sys.stdout):
+        self.tokenizer, self.stop_ids, self.out, self.tokens, self.printed = tokenizer, set(stop_ids), out, [], ""
+
+    def __call__(self, index, new_tokens):
+        self.tokens.extend(t for t in new_tokens if t not in self.stop_ids)
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 character: wait for the rest of it
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
 
 
 if __name__ == "__main__":

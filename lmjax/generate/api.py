@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
+
 from lmjax.dialog import format_for
 from lmjax.generate.decoder import Decoder
 from lmjax.generate.engine import LaneEngine, Request
@@ -45,18 +47,36 @@ class Generator:
         generator.task_info = task.info  # facts: the data folder and its recall sets
         return generator
 
-    def prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
+    @classmethod
+    def from_pretrained(cls, path, *, max_len=1024, layout=None, **options):
+        """A generator for imported weights: a GGUF file or a Hugging Face Llama folder
+        (lmjax.interop.pretrained), with their tokenizer and its chat template."""
+        from lmjax.interop.pretrained import load_pretrained
+        from lmjax.models import build_model
+
+        pretrained = load_pretrained(path)
+        params = pretrained.params
+        model = build_model(pretrained.config)
+        if layout is not None:
+            from lmjax.run_dir import abstract_params
+
+            shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract_params(model, 8, layout))
+            params = layout.put_params(params, shardings)
+        return cls(model, params, pretrained.tokenizer, max_len=max_len, layout=layout, **options)
+
+    def prompt_tokens(self, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
         """Token ids as given, or for text the dialog format's prompt: a user turn opening an
-        assistant turn (dialog models), the plain encoding otherwise."""
+        assistant turn (dialog and chat models), the plain encoding otherwise or with `chat=False`."""
         if not isinstance(prompt, str):
             return [int(t) for t in prompt]
-        return self.format.prompt(prompt)
+        return self.format.prompt(prompt) if chat else list(self.tokenizer.encode(prompt))
 
-    def generate(self, prompts, *, progress=False, seed=0, **sampling):
+    def generate(self, prompts, *, progress=False, seed=0, chat=True, on_tokens=None, **sampling):
         """Completions (tokens, text, finish reason, tool calls) for a list of prompts.
 
         `sampling`: max_new_tokens, temperature, top_k, top_p, min_p (the same for all prompts);
-        prompt i samples with seed `seed + i`.
+        prompt i samples with seed `seed + i`. `chat=False`: text prompts are continued as they
+        are, without the chat template. `on_tokens(i, ids)`: called as prompt i gains tokens.
         """
-        requests = [Request(self.prompt_tokens(p), seed=seed + i, id=i, **sampling) for i, p in enumerate(prompts)]
-        return self.engine.generate(requests, progress=progress)
+        requests = [Request(self.prompt_tokens(p, chat), seed=seed + i, id=i, **sampling) for i, p in enumerate(prompts)]
+        return self.engine.generate(requests, progress=progress, on_tokens=on_tokens)

@@ -142,8 +142,9 @@ class LaneEngine:
         self.tools = ToolRunner(tool, tool_timeout_s) if tool is not None else None
         self.stats = collections.Counter()
 
-    def generate(self, requests: Sequence[Request], *, progress: bool = False) -> list[Completion]:
-        """Completions in the order of `requests`."""
+    def generate(self, requests: Sequence[Request], *, progress: bool = False, on_tokens=None) -> list[Completion]:
+        """Completions in the order of `requests`. `on_tokens(i, ids)` (optional) is called on the
+        host as request i's lane gains tokens (sampled or injected), e.g. to stream them."""
         d = self.decoder
         validate_requests(requests, d.vocab_size, d.max_len)
         queue = collections.deque(enumerate(requests))
@@ -164,6 +165,11 @@ class LaneEngine:
             )
             lanes[b] = None
             bar.update(1)
+
+        def extend(b, new_tokens):
+            lanes[b].tokens.extend(new_tokens)
+            if on_tokens is not None and new_tokens:
+                on_tokens(lanes[b].index, list(new_tokens))
 
         def settle(b, active):
             """After new tokens: keep decoding, start a tool call, or finish the lane."""
@@ -208,7 +214,7 @@ class LaneEngine:
                             finish(b, "cache_full")
                             continue
                         chunks[b], starts[b] = [self.format.call_id] + injection, start
-                        lanes[b].tokens.extend(injection)
+                        extend(b, injection)
                         lanes[b].n_injected += len(injection)
                 asks = LaneRequests(keys, max_new, SamplingParams(**sampling))
                 written = [b for b in range(d.lanes) if chunks[b]]
@@ -217,7 +223,7 @@ class LaneEngine:
                     self.stats["prefills"] += 1
                     active = np.asarray(state.active)
                     for b in written:
-                        lanes[b].tokens.append(int(first[b]))
+                        extend(b, [int(first[b])])
                         settle(b, active[b])
                 if any(lane is not None and lane.pending_call is None for lane in lanes):
                     state, out, counts = d.decode(self.params, state, asks)
@@ -225,7 +231,7 @@ class LaneEngine:
                     active = np.asarray(state.active)
                     for b, lane in enumerate(lanes):
                         if lane is not None and lane.pending_call is None:
-                            lane.tokens.extend(out[b, : counts[b]].tolist())
+                            extend(b, out[b, : counts[b]].tolist())
                             settle(b, active[b])
                 elif any(lane is not None for lane in lanes) and not (queue and None in lanes):
                     self._wait_for_a_tool(lanes)

@@ -91,7 +91,7 @@ def tokenizer_info(config) -> dict:
     kind = DATASET_TOKENIZERS.get(config.data.name, "unknown")
     info = {"kind": kind}
     if kind == "bytes":
-        from lmjax.data.tokenizer import SPECIAL_TOKENS
+        from lmjax.data.tokenizers.byte import SPECIAL_TOKENS
 
         info["special_tokens"] = dict(SPECIAL_TOKENS)
     return info

@@ -81,6 +81,11 @@ class Layout:
         """Host arrays every process holds in full -> arrays split by rows over `data`."""
         return jax.tree_util.tree_map(lambda x: _from_global(np.asarray(x), self.rows()), tree)
 
+    def put_params(self, host_params, shardings):
+        """Full host parameters (every process holds them, e.g. imported weights) -> arrays on
+        `shardings`; each process places only the shards its devices hold."""
+        return jax.tree_util.tree_map(lambda x, s: _from_global(np.asarray(x), s), host_params, shardings)
+
     def put_local_rows(self, tree, global_rows: int):
         """This process's rows (see `process_rows`) -> global arrays split by rows over `data`."""
         def one(x):

@@ -21,9 +21,9 @@ class TaskData:
 
 
 def _register():
-    from lmjax.tasks import facts, mqar, shakespeare
+    from lmjax.tasks import facts, mqar, shakespeare, text
 
-    for module in (facts, mqar, shakespeare):
+    for module in (facts, mqar, shakespeare, text):
         TASKS.register(module.Section.name)(module)
 
 

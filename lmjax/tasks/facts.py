@@ -76,7 +76,7 @@ def build(d: Section, *, workdir, seq_len, eval_cfg, vocab_size):
     from lmjax.data import facts
     from lmjax.data.pipeline import check_lengths
     from lmjax.dialog import encode_dialog, to_training_example
-    from lmjax.data.tokenizer import ByteTokenizer
+    from lmjax.data.tokenizers.byte import ByteTokenizer
     from lmjax.eval.recall import RecallByGeneration
     from lmjax.eval.teacher_forced import TeacherForced, answer_exact_match
     from lmjax.tasks import TaskData

@@ -130,6 +130,17 @@ class Run:
         self.checkpointer.close()
 
 
+def _load_pretrained(config: RunConfig):
+    """The weights and tokenizer `checkpoint.init_from` names (None without it), in the
+    model's layer layout and parameter dtype."""
+    if not config.checkpoint.init_from:
+        return None
+    from lmjax.interop.pretrained import load_pretrained
+
+    m = config.model
+    return load_pretrained(config.checkpoint.init_from, scan_layers=m.scan_layers, param_dtype=m.param_dtype)
+
+
 def build_run(config: RunConfig, workdir) -> Run:
     """Build (or restore, when `workdir` holds checkpoints) everything a run needs."""
     workdir = Path(workdir)
@@ -140,8 +151,12 @@ def build_run(config: RunConfig, workdir) -> Run:
     write_run_config(workdir, config)
     t = config.train
 
-    task = TASKS.get(config.data.name).build(
-        config.data, workdir=workdir, seq_len=t.seq_len, eval_cfg=config.eval, vocab_size=config.model.vocab_size
+    pretrained = _load_pretrained(config)
+    task_module = TASKS.get(config.data.name)
+    tokenizer_arg = {"tokenizer": pretrained.tokenizer} if getattr(task_module, "USES_PRETRAINED_TOKENIZER", False) else {}
+    task = task_module.build(
+        config.data, workdir=workdir, seq_len=t.seq_len, eval_cfg=config.eval, vocab_size=config.model.vocab_size,
+        **tokenizer_arg,
     )
     # Before training: a stop_when on a metric the task never reports would never stop it.
     names = {end: [n for e in task.evaluators if e.at_end == end for n in e.metric_names()] for end in (False, True)}
@@ -170,6 +185,8 @@ def build_run(config: RunConfig, workdir) -> Run:
         batches.set_state(data_state)
     else:
         state = layout.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+        if pretrained is not None:  # Adam's moments start at zero whatever the weights, so only params change
+            state = state.replace(params=layout.put_params(pretrained.params, shardings.params))
 
     log = config.logging
     writer = MetricWriter(workdir, log, json.loads(to_json(config)), enabled=is_lead, resume_step=resumed_from)

@@ -27,13 +27,41 @@ def _special_string(name: str) -> str:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes plus `<|user|> <|assistant|> <|database|> <|eod|>`."""
+    """UTF-8 bytes plus `<|user|> <|assistant|> <|database|> <|eod|>` (the `Tokenizer` interface)."""
 
     vocab_size: int = NUM_BYTES + len(SPECIAL_TOKENS)
     dialog_format: str = "byte"  # the template of lmjax.dialog that dialogs use with these ids
+    eos_id: int = SPECIAL_TOKENS["eod"]  # ends a dialog, so a generation
 
     def __init__(self) -> None:
         self._id_to_special = {i: _special_string(n) for n, i in SPECIAL_TOKENS.items()}
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """name -> id ("eod" -> 259): a copy, the numbering is fixed."""
+        return dict(SPECIAL_TOKENS)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ByteTokenizer)
+
+    def __hash__(self) -> int:
+        return hash(ByteTokenizer)
+
+    def to_dict(self) -> dict:
+        return {"type": "byte", "special_tokens": dict(SPECIAL_TOKENS)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ByteTokenizer":
+        """Check that the saved specials still have their ids (they are only ever appended)."""
+        if d.get("type") != "byte":
+            raise ValueError(f"not a byte tokenizer dict (type={d.get('type')!r}).")
+        changed = {k: v for k, v in d.get("special_tokens", {}).items() if SPECIAL_TOKENS.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"holds special tokens {changed} that this lmjax's byte tokenizer numbers differently "
+                f"({SPECIAL_TOKENS}); use the lmjax version the run was trained with."
+            )
+        return cls()
 
     def encode(self, text: str) -> list[int]:
         """Plain UTF-8 bytes of `text`; special-token strings are NOT recognised."""
