@@ -68,3 +68,27 @@ def subprocess_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def tiny_smollm_folder(folder):
+    """A Hugging Face folder holding a random 2-layer Llama (GQA, tied embeddings) with SmolLM2's
+    vocabulary and real tokenizer files: imported models end to end, in seconds."""
+    import torch
+    import transformers
+
+    from lmjax.data.tokenizers import pretrained_tokenizer
+    from lmjax.interop.bundled import smollm2_gguf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # unit-scale weights: a wrong import changes losses and logits visibly
+        for p in model.parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[1] ** 0.5)
+    model.save_pretrained(folder)
+    pretrained_tokenizer(smollm2_gguf()).save_hf_files(folder)
+    return folder

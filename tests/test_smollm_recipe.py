@@ -16,30 +16,14 @@ import pytest
 import torch
 import transformers
 
-from conftest import ROOT
-from lmjax.data.tokenizers import pretrained_tokenizer
-from lmjax.interop.bundled import smollm2_gguf
+from conftest import ROOT, tiny_smollm_folder
 
 SEQ_LEN = 32
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    """A random 2-layer Llama (GQA, tied embeddings) with SmolLM2's vocabulary and tokenizer files."""
-    folder = tmp_path_factory.mktemp("tiny_smollm")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-    )
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():  # unit-scale weights: a wrong import would change the loss visibly
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / p.shape[1] ** 0.5)
-    model.save_pretrained(folder)
-    pretrained_tokenizer(smollm2_gguf()).save_hf_files(folder)
-    return folder
+    return tiny_smollm_folder(tmp_path_factory.mktemp("tiny_smollm"))
 
 
 @pytest.fixture(scope="module")

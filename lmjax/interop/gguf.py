@@ -60,6 +60,12 @@ def _field(reader, key, default=None):
     return default if field is None else field.contents()
 
 
+def _as_written(value) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-5, not 9.99999974e-06),
+    so configs and exports read like the original model's."""
+    return float(str(np.float32(value)))
+
+
 def config_from_gguf(reader, *, scan_layers: bool = True, param_dtype: str = "float32", where: str = "the GGUF file") -> TransformerConfig:
     """A TransformerConfig from a GGUF's metadata; ValueError (one line) for anything else than
     a llama-architecture model with plain RoPE."""
@@ -95,8 +101,8 @@ def config_from_gguf(reader, *, scan_layers: bool = True, param_dtype: str = "fl
         vocab_size=int(vocab), dim=dim, n_layers=int(need("block_count")), n_heads=heads, n_kv_heads=kv_heads,
         mlp_hidden=int(need("feed_forward_length")),
         tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
-        rope_base=float(_field(reader, f"{ARCH}.rope.freq_base", 10000.0)),
-        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_base=_as_written(_field(reader, f"{ARCH}.rope.freq_base", 10000.0)),
+        norm_eps=_as_written(need("attention.layer_norm_rms_epsilon")),
         scan_layers=scan_layers, param_dtype=param_dtype,
     )
 
