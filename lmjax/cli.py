@@ -12,9 +12,10 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
+from lmjax.extras import MissingExtra
 from lmjax.registry import ConfigError
 
-USER_ERRORS = (ConfigError, ValueError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, MissingExtra)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -98,6 +98,7 @@ def main(argv):
     std_logging.getLogger("asyncio").addFilter(_WriteFailuresReportedOnce())
     sys.unraisablehook = _late_write_callbacks_ignored
     from lmjax.config import parse_config
+    from lmjax.extras import MissingExtra
     from lmjax.monitor.metrics import MetricsFileError
     from lmjax.parallel.distributed import initialize, process_info
     from lmjax.run_dir import CheckpointError
@@ -113,7 +114,7 @@ def main(argv):
             print(f"lmjax: {info['process_count']} processes, {info['device_count']} {info['platform']} devices "
                   f"({info['local_device_count']} per process)")
         summary = train(config, workdir)
-    except (ConfigError, MetricsFileError, CheckpointError) as error:  # a bad value or file; anything else is a bug
+    except (ConfigError, MetricsFileError, CheckpointError, MissingExtra) as error:  # a bad value or file, a missing extra; anything else is a bug
         _fail(error)
     except Diverged as error:
         _fail(error, DIVERGED)

@@ -44,6 +44,9 @@ GGUF_OUTER_NAMES = {
 
 def open_gguf(path):
     """A gguf.GGUFReader over `path` (memory-mapped: nothing is dequantized yet)."""
+    from lmjax.extras import require
+
+    require("gguf", "interop")
     from gguf import GGUFReader
 
     path = Path(path)

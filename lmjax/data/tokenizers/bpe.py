@@ -19,6 +19,9 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from lmjax.extras import require
+
+require("tokenizers", "interop")  # before importing it: a missing extra is one line, naming it
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 # GGUF token types (llama.cpp's llama_token_type).
@@ -80,6 +83,7 @@ class BPETokenizer:
     @classmethod
     def from_gguf(cls, path) -> "BPETokenizer":
         """Build the tokenizer a GGUF file's metadata describes (byte-level BPE files only)."""
+        require("gguf", "interop")
         from gguf import GGUFReader
 
         path = Path(path)
