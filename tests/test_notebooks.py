@@ -17,7 +17,8 @@ import pytest
 
 from conftest import ROOT
 
-nbformat = pytest.importorskip("nbformat")
+import nbclient
+import nbformat
 
 COLAB = ROOT / "colab"
 NOTEBOOKS = ["quickstart.ipynb", "tpu.ipynb", "real_model.ipynb"]
@@ -47,8 +48,6 @@ def code_cells(name) -> list:
 def run_notebook(name, workdir, monkeypatch):
     """Execute colab/NAME in `workdir` at the small size; returns the executed notebook (also
     written to workdir/executed-NAME, failed or not, for a look at what it showed)."""
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
     monkeypatch.setenv("LMJAX_NOTEBOOK_SMALL", "1")
     # The kernel finds lmjax where the tests do, installed or not (an earlier PYTHONPATH still wins).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])))
@@ -145,12 +144,6 @@ def test_tpu_notebook_trains_on_a_mesh_shows_sharded_params_exports_and_loads_ba
 
 @pytest.mark.slow
 def test_real_model_notebook_chats_fine_tunes_and_exports(tmp_path, monkeypatch):
-    try:
-        from lmjax.interop.bundled import smollm2_gguf
-
-        smollm2_gguf()
-    except (ImportError, FileNotFoundError) as error:
-        pytest.skip(f"SmolLM2's weights are not installed: {error}")
     notebook = run_notebook("real_model.ipynb", tmp_path, monkeypatch)
     text = output_text(notebook)
     assert "size: small" in text and "A: " in text
