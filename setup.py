@@ -1,6 +1,6 @@
 from setuptools import find_packages, setup
 
-INTEROP = ["gguf>=0.19", "tokenizers>=0.20"]
+INTEROP = ["gguf>=0.19", "tokenizers>=0.20", "jinja2>=3.1"]  # jinja2: reading chat templates
 
 setup(
     name="lmjax",

@@ -435,6 +435,9 @@ def default_system_prompt(chat_template: str | None) -> str | None:
     the content of the system turn it puts before it."""
     if not chat_template:
         return None
+    from lmjax.extras import require
+
+    require("jinja2", "interop")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     marker = "\u0000QUESTION\u0000"

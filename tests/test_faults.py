@@ -157,7 +157,10 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_line(tmp_path, subprocess_env,
     """The tiny run's state is ~175 kB on disk, its other files under 64 kB: the first save fails
     inside tensorstore, which reports it as a ValueError from orbax's threads (logged there with
     tracebacks, then late callbacks meeting orbax's closed event loop): one line, exit status 4."""
-    env = {**subprocess_env, "LMJAX_COMPILATION_CACHE": "off"}  # its entries outgrow the limit
+    # The compilation cache's entries outgrow the limit: off, also where an earlier in-process
+    # entry point of this test worker already pointed jax at it.
+    env = {**subprocess_env, "LMJAX_COMPILATION_CACHE": "off"}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     result = run_main(tmp_path, env, files_of_at_most(64), **{"checkpoint.async_save": async_save})
     where = tmp_path / "checkpoints" if async_save else tmp_path / "checkpoints" / "4"  # async: found at the next save
     assert error_line(result, 4) == f"lmjax: error: cannot write {where}: File too large"

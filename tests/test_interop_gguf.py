@@ -41,7 +41,7 @@ def test_config_comes_from_the_metadata(smollm2):
     cfg, params, hf, _ = smollm2
     assert (cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.mlp_hidden) == (49152, 576, 30, 9, 3, 1536)
     assert cfg.tie_embeddings and cfg.rope_base == 1e5 and "lm_head" not in params
-    assert cfg.norm_eps == pytest.approx(1e-5) and cfg.norm_eps == hf.config.rms_norm_eps
+    assert cfg.norm_eps == pytest.approx(1e-5) and cfg.norm_eps == pytest.approx(hf.config.rms_norm_eps, rel=1e-7)
     assert is_pretrained_path(SMOLLM2) and read_shape(SMOLLM2)["n_kv_heads"] == 3
 
 

@@ -97,7 +97,7 @@ def generate(args) -> int:
     completions = generator.generate(
         prompts, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, progress=len(prompts) > 1 and not args.json,
-        chat=not args.no_chat, on_tokens=TextStream(generator.tokenizer, set(generator.format.stop_ids) - {generator.format.call_id}) if stream else None,
+        chat=not args.no_chat, on_tokens=stream_printer(generator) if stream else None,
     )
     for prompt, c in zip(prompts, completions):
         if args.json:
@@ -109,13 +109,20 @@ def generate(args) -> int:
     return 0
 
 
+def stream_printer(generator):
+    """Prints the completion as it comes, without the tokens that end it (a tool call's stays)."""
+    fmt = generator.format
+    return TextStream(generator.tokenizer, set(fmt.stop_ids) - {fmt.call_id})
+
+
 class TextStream:
     """Prints one completion's text as its tokens arrive, without the tokens that end it. Tokens
     are decoded together and only the new text is printed, so a character split over several
     tokens prints once, whole."""
 
-    def __init__(self, tokenizer, stop_ids=(), out=sys.stdout):
-        self.tokenizer, self.stop_ids, self.out, self.tokens, self.printed = tokenizer, set(stop_ids), out, [], ""
+    def __init__(self, tokenizer, stop_ids=(), out=None):
+        self.tokenizer, self.stop_ids, self.tokens, self.printed = tokenizer, set(stop_ids), [], ""
+        self.out = out or sys.stdout  # looked up now, not at import: tests and notebooks swap sys.stdout
 
     def __call__(self, index, new_tokens):
         self.tokens.extend(t for t in new_tokens if t not in self.stop_ids)
