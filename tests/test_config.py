@@ -141,3 +141,14 @@ def test_config_json_round_trips_and_fills_keys_added_later(tmp_path):
     del tree["eval"]["recall_chunk"], tree["model"]["attention_block"]
     old = from_json(json.dumps(tree))
     assert old.eval.recall_chunk == 16 and old.model.attention_block == 0
+
+
+def test_resume_rule_refuses_another_model_and_allows_longer_training():
+    from lmjax.config import check_resume_compatible
+
+    saved = tiny_facts_config(**{"train.steps": 4})
+    with pytest.raises(ConfigError, match=r"model.dim \(32 -> 64\)"):
+        check_resume_compatible(saved, tiny_facts_config(**{"train.steps": 4, "model.dim": 64}))
+    with pytest.raises(ConfigError, match=r"optim.lr"):
+        check_resume_compatible(saved, tiny_facts_config(**{"train.steps": 4, "optim.lr": 1.0}))
+    check_resume_compatible(saved, tiny_facts_config(**{"train.steps": 6, "train.log_every": 3, "checkpoint.every": 2}))

@@ -52,7 +52,7 @@ def decode_all(decoder, params, prompts, n_new):
     return out
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("scan_layers", [pytest.param(True, marks=pytest.mark.slow), False])  # scanned: 30 s, in the slow run
 def test_cached_logits_equal_full_forward(scan_layers):
     cfg = dataclasses.replace(CFG, scan_layers=scan_layers)
     model, params = random_model(cfg)

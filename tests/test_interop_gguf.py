@@ -85,6 +85,7 @@ def lmjax_greedy(cfg, params, prompts_ids, eos):
     return [[int(first[b])] + out[b, : counts[b]].tolist() for b in range(lanes)]
 
 
+@pytest.mark.slow  # 19 s; the logits test above stays in the default run
 def test_greedy_continuations_match_transformers_token_for_token(smollm2):
     cfg, params, hf, tokenizer = smollm2
     prompts_ids = [tokenizer(p)["input_ids"] for p in PROMPTS]

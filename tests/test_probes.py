@@ -77,6 +77,7 @@ def test_activation_rms_matches_captured_block_outputs_over_real_tokens(flat_ste
         np.testing.assert_allclose(metrics[f"probe/act_rms/layer_{layer}"], expected, rtol=1e-5)
 
 
+@pytest.mark.slow  # 29 s
 def test_scanned_layers_and_micro_batches_give_the_same_probes(flat_step):
     import dataclasses
 
@@ -92,6 +93,7 @@ def test_scanned_layers_and_micro_batches_give_the_same_probes(flat_step):
         np.testing.assert_allclose(accumulated[key], flat[key], rtol=1e-4, err_msg=key)
 
 
+@pytest.mark.slow  # 40 s for both
 @pytest.mark.parametrize("model", ["mamba", "rnn"])
 def test_recurrent_families_report_one_rms_per_layer(model):
     from lmjax.config import load_config_file, parse_config

@@ -117,6 +117,7 @@ def test_tokenizer_choice_is_checked_in_one_line():
             check(section, vocab_size=vocab_size, seq_len=64)
 
 
+@pytest.mark.slow  # 20 s; tests/test_tokenizers.py tests the tokenizer itself in the default run
 def test_a_sentencepiece_run_trains_saves_its_tokenizer_and_generates(tmp_path, subprocess_env, capsys):
     """Through `python -m lmjax.main`: a few steps of a tiny model on sentencepiece ids, then
     `lmjax.generate`'s main (in this process) reads the tokenizer back from the run folder."""

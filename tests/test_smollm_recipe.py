@@ -77,7 +77,10 @@ def reference_val_loss(folder, text, val_fraction=0.05, max_windows=8):
 FROZEN = ("--config.optim.lr=1e-30", "--config.optim.warmup_steps=0", "--config.train.steps=1", "--config.train.eval_every=1")
 
 
-@pytest.mark.parametrize("devices, mesh", [(1, ()), (4, ("--config.parallel.data=2", "--config.parallel.model=2", "--config.parallel.fsdp=True"))])
+MESH = ("--config.parallel.data=2", "--config.parallel.model=2", "--config.parallel.fsdp=True")
+
+
+@pytest.mark.parametrize("devices, mesh", [(1, ()), pytest.param(4, MESH, marks=pytest.mark.slow)])
 def test_imported_start_matches_transformers_loss(tmp_path, tiny_folder, corpus, devices, mesh):
     metrics = run_main(tmp_path / "run", f"--config.checkpoint.init_from={tiny_folder}",
                        f"--config.data.source={corpus / 'notes.txt'}", *FROZEN, *mesh, devices=devices)

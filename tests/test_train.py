@@ -171,6 +171,7 @@ def test_tool_mode_trains_on_tool_dialogs_and_reports_unseen_people(tmp_path):
     assert {"eval/qa_acc", "eval/qa_unseen_acc"} <= set(summary)
 
 
+@pytest.mark.slow  # 29 s; tests/test_config.py checks the same rule without training
 def test_resuming_with_a_different_model_is_a_clear_error(tmp_path):
     from lmjax.registry import ConfigError
 
