@@ -102,6 +102,29 @@ def to_training_example(encoded: dict) -> dict:
     }
 
 
+def _prompt_and_loss_masks(n, loss_on, prompt_end, is_target):
+    """(prompt_mask, loss_mask) of an n-token dialog: the prompt is everything before
+    `prompt_end` (loss_on="assistant" only); the loss is on the targets, or on every position but
+    the first with loss_on="all"."""
+    prompt_mask = np.zeros(n, dtype=bool)
+    if loss_on == "assistant" and prompt_end is not None:
+        prompt_mask[:prompt_end] = True
+    if loss_on == "all":
+        loss_mask = np.ones(n, dtype=bool)
+        loss_mask[0] = False
+    else:
+        loss_mask = np.asarray(is_target, dtype=bool)
+    return prompt_mask, loss_mask
+
+
+def _check_answer_ends(text, answer):
+    if not answer_is_correct(text, answer):
+        raise ValueError(
+            f"Last assistant turn {text!r} does not end with '{answer}.' after a word boundary; "
+            f"the answer mask needs the answer right before the final period, after a non-word character."
+        )
+
+
 def _after_last(tokens, token_id) -> list[int]:
     """The tokens after the last `token_id` (all of them when it does not occur)."""
     tokens = list(tokens)
@@ -224,25 +247,13 @@ class ByteDialog(DialogFormat):
         is_target.append(previous == "assistant")
 
         n = len(tokens)
-        prompt_mask = np.zeros(n, dtype=bool)
-        if loss_on == "assistant" and prompt_end is not None:
-            prompt_mask[:prompt_end] = True
-        if loss_on == "all":
-            loss_mask = np.ones(n, dtype=bool)
-            loss_mask[0] = False
-        else:
-            loss_mask = np.asarray(is_target, dtype=bool)
-
+        prompt_mask, loss_mask = _prompt_and_loss_masks(n, loss_on, prompt_end, is_target)
         answer_mask = np.zeros(n, dtype=bool)
         if answer:
             if last_assistant_end is None:
                 raise ValueError(f"Dialog has an answer {answer!r} but no assistant turn to hold it.")
             last_assistant = [t for t in dialog if t["source"] == "assistant"][-1]["content"]
-            if not answer_is_correct(last_assistant, answer):
-                raise ValueError(
-                    f"Last assistant turn {last_assistant!r} does not end with '{answer}.' after a word boundary; "
-                    f"the answer mask needs the answer right before the final period, after a non-word character."
-                )
+            _check_answer_ends(last_assistant, answer)
             period_pos = last_assistant_end - 1
             answer_mask[period_pos - len(self.tokenizer.encode(answer)) : period_pos] = True
 
@@ -371,25 +382,13 @@ class ChatML(DialogFormat):
             is_target.extend([False] * len(self.newline_ids))
 
         n = len(tokens)
-        prompt_mask = np.zeros(n, dtype=bool)
-        if loss_on == "assistant" and prompt_end is not None:
-            prompt_mask[:prompt_end] = True
-        if loss_on == "all":
-            loss_mask = np.ones(n, dtype=bool)
-            loss_mask[0] = False
-        else:
-            loss_mask = np.asarray(is_target, dtype=bool)
-
+        prompt_mask, loss_mask = _prompt_and_loss_masks(n, loss_on, prompt_end, is_target)
         answer_mask = np.zeros(n, dtype=bool)
         if answer:
             if last_content is None:
                 raise ValueError(f"Dialog has an answer {answer!r} but no assistant turn to hold it.")
             start, content_ids, text = last_content
-            if not answer_is_correct(text, answer):
-                raise ValueError(
-                    f"Last assistant turn {text!r} does not end with '{answer}.' after a word boundary; "
-                    f"the answer mask needs the answer right before the final period, after a non-word character."
-                )
+            _check_answer_ends(text, answer)
             a, b = _answer_span(text, answer)
             for offset, (lo, hi) in enumerate(_token_spans(self.tokenizer, content_ids)):
                 if lo < b and hi > a:
