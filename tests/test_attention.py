@@ -161,7 +161,11 @@ def test_key_ranges_hold_every_allowed_key(longest, prompts):
         assert ranges[3][2:] == ((0, L) if not longest else (48 - 22, 64 + 22))
 
 
-@pytest.mark.parametrize("n_kv,longest,prompts", [(2, 20, False), (1, 20, True), (4, 0, False), (2, 0, True)])
+# With prompts (the causal mask plus two-way prompt blocks) in the default run, with and without a
+# longest-sequence promise; the causal-only variants (~5 s each) in the slow run.
+@pytest.mark.parametrize("n_kv,longest,prompts", [
+    pytest.param(2, 20, False, marks=pytest.mark.slow), (1, 20, True), pytest.param(4, 0, False, marks=pytest.mark.slow), (2, 0, True),
+])
 def test_blocked_attention_equals_the_full_computation(n_kv, longest, prompts):
     """Block skipping against the full square, on packed rows with padding, outputs and grads."""
     from lmjax.models.attention import AttentionMask, blocked_attention

@@ -68,6 +68,20 @@ def damaged_copy(full, tmp_path, damage, steps=(12,)):
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
+def test_each_kind_of_damage_is_found_named_and_passed_over(full, tmp_path, damage):
+    """Without training: what the resume below meets, for every kind of damage."""
+    workdir, [reason] = damaged_copy(full, tmp_path, damage)
+    checkpoints = workdir / "checkpoints"
+    assert run_dir.checkpoint_damage(checkpoints / "12").startswith(reason)
+    assert run_dir.checkpoint_damage(checkpoints / "8") is None
+    assert run_dir.newest_intact_step(checkpoints, [4, 8, 12]) == (8, [(12, run_dir.checkpoint_damage(checkpoints / "12"))])
+
+
+# One kind of damage trains to the end in the default run; the others take the same path once
+# found (the test above), ~12 s of training each, in the slow run.
+@pytest.mark.parametrize("damage", [
+    pytest.param(damage, marks=() if damage == "no commit marker" else pytest.mark.slow) for damage in DAMAGE
+])
 def test_resume_passes_over_a_damaged_latest_checkpoint_and_ends_like_an_uninterrupted_run(full, tmp_path, damage, capsys):
     workdir, [reason] = damaged_copy(full, tmp_path, damage)
     capsys.readouterr()

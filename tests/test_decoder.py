@@ -1,5 +1,6 @@
 """KV-cache decoding against the full forward pass without a cache."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,28 +14,36 @@ from lmjax.models.transformer import KVCache, Transformer, TransformerConfig
 CFG = TransformerConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64)
 
 
+@functools.cache  # tests share a model and its parameters (never changed): ~5 s of init each on 2 cores
 def random_model(cfg=CFG, seed=0):
     model = Transformer(cfg)
-    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"]
     return model, params
+
+
+@functools.cache
+def full_forward_last_logits(model):
+    """The model's forward without a cache, jitted once per model (equal configs share it)."""
+
+    @jax.jit
+    def last_logits(params, tokens_1xL, prompt_1xL, length):
+        return model.apply({"params": params}, tokens_1xL, None, None, prompt_1xL)[0, length - 1]
+
+    return last_logits
 
 
 def naive_greedy(model, params, prompt, n_new, prefix_lm=False, pad_to=128):
     """Re-run the whole sequence for every new token and take the argmax: no cache at all.
     Sequences are padded to one length so the forward compiles once; the padding comes after
     every real token, so under a causal (or prefix-LM) mask it cannot change their logits."""
-
-    @jax.jit
-    def last_logits(tokens_1xL, prompt_1xL, length):
-        return model.apply({"params": params}, tokens_1xL, None, None, prompt_1xL)[0, length - 1]
-
+    last_logits = full_forward_last_logits(model)
     seq = list(prompt)
     flags = np.zeros((1, pad_to), bool)
     flags[0, : len(prompt)] = prefix_lm
     for _ in range(n_new):
         padded = np.zeros((1, pad_to), np.int32)
         padded[0, : len(seq)] = seq
-        seq.append(int(jnp.argmax(last_logits(padded, flags, len(seq)))))
+        seq.append(int(jnp.argmax(last_logits(params, padded, flags, len(seq)))))
     return seq[len(prompt):]
 
 
@@ -58,19 +67,23 @@ def test_cached_logits_equal_full_forward(scan_layers):
     model, params = random_model(cfg)
     B, L, S, P = 3, 20, 32, 7
     tokens = jax.random.randint(jax.random.PRNGKey(1), (B, L), 0, cfg.vocab_size)
-    full = model.apply({"params": params}, tokens)
+    # Jitted: op by op, each call below took ~4 s on 2 cores.
+    full = jax.jit(model.apply)({"params": params}, tokens)
     cache = init_cache(model, B, S)
     ones = jnp.ones((B, P), jnp.int32)
-    logits, cache = model.apply({"params": params}, tokens[:, :P], jnp.broadcast_to(jnp.arange(P), (B, P)), ones, cache=cache)
+    logits, cache = jax.jit(model.apply)({"params": params}, tokens[:, :P], jnp.broadcast_to(jnp.arange(P), (B, P)), ones, cache=cache)
     assert isinstance(cache, KVCache) and cache.k.shape == (cfg.n_layers, B, S, cfg.n_kv_heads, cfg.dim // cfg.n_heads)
     assert cache.k.dtype == jnp.float32 and init_cache(model, B, S, jnp.bfloat16).v.dtype == jnp.bfloat16
     # f32 throughout; differences come only from summation order over masked slots.
     np.testing.assert_allclose(logits, full[:, :P], atol=1e-5)
+
+    @jax.jit
+    def one_token(token_Bx1, t, cache):
+        return model.apply({"params": params}, token_Bx1, jnp.full((B, 1), t), jnp.ones((B, 1), jnp.int32),
+                           cache=cache, logits_at_B=jnp.zeros(B, jnp.int32))
+
     for t in range(P, L):
-        step_logits, cache = model.apply(
-            {"params": params}, tokens[:, t : t + 1], jnp.full((B, 1), t), jnp.ones((B, 1), jnp.int32),
-            cache=cache, logits_at_B=jnp.zeros(B, jnp.int32),
-        )
+        step_logits, cache = one_token(tokens[:, t : t + 1], t, cache)
         np.testing.assert_allclose(step_logits, full[:, t], atol=1e-5)
 
 
@@ -95,12 +108,12 @@ def test_prefix_lm_generation_matches_the_training_mask():
     prompt = jnp.asarray([prompts[0]])
     P = prompt.shape[1]
     flags = jnp.ones((1, P), bool)
-    full = model.apply({"params": params}, prompt, None, None, flags)
-    cached, _ = model.apply(
+    full = jax.jit(model.apply)({"params": params}, prompt, None, None, flags)  # jitted: ~4 s a call op by op
+    cached, _ = jax.jit(model.apply)(
         {"params": params}, prompt, jnp.arange(P)[None], jnp.ones((1, P), jnp.int32), flags, cache=init_cache(model, 1, 16)
     )
     np.testing.assert_allclose(cached, full, atol=1e-5)
-    causal = Transformer(dataclasses.replace(cfg, prefix_lm=False)).apply({"params": params}, prompt)
+    causal = jax.jit(Transformer(dataclasses.replace(cfg, prefix_lm=False)).apply)({"params": params}, prompt)
     assert np.abs(np.asarray(causal - full))[0, :-1].max() > 1e-4
 
 
@@ -135,7 +148,9 @@ def test_decoding_a_trained_model_equals_the_full_forward(tmp_path):
     from lmjax.generate.load import load_run
     from lmjax.train.loop import train
 
-    config = tiny_facts_config(**{"train.steps": 40})
+    # The model is what matters here: no FLOP count, TensorBoard or evaluation along the way.
+    config = tiny_facts_config(**{"train.steps": 40, "train.eval_every": 40, "logging.count_flops": False,
+                                  "logging.tensorboard": False})
     train(config, tmp_path)
     _, model, params, task = load_run(tmp_path)
     tok = ByteTokenizer()
@@ -167,5 +182,5 @@ def test_sampling_stays_inside_a_smaller_tokenizer_vocabulary():
     prompt = [5, 6, 7]
     got = decode_all(Decoder(model, lanes=1, max_len=32, sample_vocab=10), params, [prompt], n_new=8)[0]
     assert all(t < 10 for t in got)
-    logits = model.apply({"params": params}, jnp.asarray([prompt]))[0, -1]
+    logits = jax.jit(model.apply)({"params": params}, jnp.asarray([prompt]))[0, -1]
     assert got[0] == int(jnp.argmax(logits[:10]))

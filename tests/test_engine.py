@@ -28,7 +28,7 @@ CALL, TURN = FMT.call_id, TOK.special_id("assistant")
 def model_and_params():
     """A random model made to emit CALL often (its output column scaled up), so lanes call tools."""
     model = Transformer(CFG)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])  # jitted: op by op is slower
     kernel = params["lm_head"]["kernel"]
     params["lm_head"]["kernel"] = kernel.at[:, CALL].set(kernel[:, CALL] * 4.0)
     return model, params

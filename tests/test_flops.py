@@ -5,6 +5,8 @@ loss, AdamW: a few FLOPs per parameter and per score), so it is always somewhat 
 measured on these shapes: XLA is 0-6% above the analytic count (the smallest model, d=64 with a
 256-square of scores per row, has the largest elementwise share).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -35,11 +37,20 @@ def _setup(dim, seq_len, layers, heads, kv_heads, scan=False, accum=1, batch=8):
     return config, model, tx, schedule, state, batch_shapes
 
 
-@pytest.mark.parametrize("dim,seq_len,layers,heads,kv_heads", [(64, 256, 2, 2, 2), (128, 128, 3, 4, 2), (256, 256, 4, 4, 4)])
+@functools.cache  # one compile per shape: the d=128 step is both a case below and the loops' reference
+def unrolled_step_flops(dim, seq_len, layers, heads, kv_heads):
+    """XLA's count of the compiled loop-free train step (unrolled layers, one micro-batch)."""
+    _, model, tx, schedule, state, batch = _setup(dim, seq_len, layers, heads, kv_heads)
+    return compiled_flops(make_train_step(model.apply, tx, schedule).lower(state, batch).compile())
+
+
+@pytest.mark.parametrize("dim,seq_len,layers,heads,kv_heads", [
+    (64, 256, 2, 2, 2), (128, 128, 3, 4, 2),
+    pytest.param(256, 256, 4, 4, 4, marks=pytest.mark.slow),  # the largest compile, in the slow run; the two above bracket the bound
+])
 def test_compiled_count_agrees_with_the_analytic_count(dim, seq_len, layers, heads, kv_heads):
-    config, model, tx, schedule, state, batch = _setup(dim, seq_len, layers, heads, kv_heads)
-    compiled = make_train_step(model.apply, tx, schedule).lower(state, batch).compile()
-    counted = compiled_flops(compiled)
+    _, model, *_ = _setup(dim, seq_len, layers, heads, kv_heads)
+    counted = unrolled_step_flops(dim, seq_len, layers, heads, kv_heads)
     analytic = transformer_train_flops(model.cfg, 8, seq_len)
     assert analytic <= counted <= analytic * (1 + ANALYTIC_SHORTFALL)
 
@@ -56,8 +67,7 @@ def test_analytic_count_by_hand():
 @pytest.fixture(scope="module")
 def unrolled_reference():
     """XLA's count of the loop-free step (unrolled layers, one micro-batch) for d=128, 3 layers."""
-    _, model, tx, schedule, state, batch = _setup(128, 128, 3, 4, 2)
-    return compiled_flops(make_train_step(model.apply, tx, schedule).lower(state, batch).compile())
+    return unrolled_step_flops(128, 128, 3, 4, 2)
 
 
 def test_xla_counts_a_loop_body_once(unrolled_reference):
@@ -67,7 +77,9 @@ def test_xla_counts_a_loop_body_once(unrolled_reference):
     assert looped < 0.5 * unrolled_reference
 
 
-@pytest.mark.parametrize("scan,accum", [(True, 1), (False, 2), (True, 2)])
+# Scanned layers with micro-batches (both loops at once) in the default run; each loop alone in the slow run.
+@pytest.mark.parametrize("scan,accum", [pytest.param(True, 1, marks=pytest.mark.slow), pytest.param(False, 2, marks=pytest.mark.slow),
+                                        (True, 2)])
 def test_loops_are_counted_in_full(scan, accum, unrolled_reference):
     """The step-cost path gives the unrolled, one-micro-batch count for programs with scanned
     layers or accumulated micro-batches."""

@@ -93,7 +93,8 @@ def test_packed_row_equals_separate_sequences():
     assert np.abs(whole[7:] - packed[7:]).max() > 1e-3  # without the reset, b would see a
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
+# Scanned layers (12 s) in the slow run; the decoder runs scanned Mamba in test_recurrent_generation.py.
+@pytest.mark.parametrize("scan_layers", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_step_by_step_equals_the_parallel_forward(scan_layers):
     model = Mamba(tiny(scan="sequential", scan_layers=scan_layers))
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 11), 0, 40)

@@ -28,10 +28,17 @@ FAMILIES = {
 PAD_TO = 96
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+# In the default run: chunked Mamba, Hawk and minLSTM (no conv window: a state of another shape).
+# The sequential, unscanned Mamba and minGRU (Hawk's state, another cell) are in the slow run (~27 s each).
+SLOW_FAMILIES = ("mamba-sequential", "mingru")
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=pytest.mark.slow if name in SLOW_FAMILIES else ()) for name in FAMILIES
+])
 def model_and_params(request):
     model = FAMILIES[request.param]()
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(3), jnp.zeros((1, 8), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 8), jnp.int32))["params"])  # jitted: op by op is slower
     forward = jax.jit(lambda params, tokens_1xL, length: model.apply({"params": params}, tokens_1xL)[0, length - 1])
     return model, params, forward
 
@@ -126,8 +133,8 @@ def test_cache_spec_describes_the_state_the_model_returns(model_and_params):
     model, params, _ = model_and_params
     spec = model.cache_spec(3, 16)
     tokens = jnp.ones((3, 4), jnp.int32)
-    _, cache = model.apply({"params": params}, tokens, jnp.broadcast_to(jnp.arange(4), (3, 4)), jnp.ones((3, 4), jnp.int32),
-                           cache=init_cache(model, 3, 16))
+    _, cache = jax.jit(model.apply)({"params": params}, tokens, jnp.broadcast_to(jnp.arange(4), (3, 4)),
+                                    jnp.ones((3, 4), jnp.int32), cache=init_cache(model, 3, 16))
     described = jax.tree_util.tree_map(lambda leaf: (leaf.shape, jnp.dtype(leaf.dtype)), spec, is_leaf=is_leaf)
     returned = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), cache)
     assert type(cache) is type(spec) and described == returned

@@ -59,12 +59,21 @@ def test_run_writes_the_output_contract_and_learns(tmp_path):
     assert (tmp_path / "checkpoints" / "60").is_dir()
 
 
-def test_same_seed_same_numbers_other_seed_differs(tmp_path):
-    train(tiny_facts_config(), tmp_path / "a")
-    train(tiny_facts_config(), tmp_path / "b")
+@pytest.fixture(scope="module")
+def same_seed_runs(tmp_path_factory):
+    """Two runs of the same tiny config, each trained from scratch in its own folder (shared by
+    the determinism and resume tests below; neither test writes into them)."""
+    root = tmp_path_factory.mktemp("same_seed")
+    for name in ("a", "b"):
+        train(tiny_facts_config(), root / name)
+    return root / "a", root / "b"
+
+
+def test_same_seed_same_numbers_other_seed_differs(same_seed_runs, tmp_path):
+    a, b = same_seed_runs
     train(tiny_facts_config(seed=1), tmp_path / "c")
-    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
-    assert metric_rows(tmp_path / "a") != metric_rows(tmp_path / "c")
+    assert metric_rows(a) == metric_rows(b)
+    assert metric_rows(a) != metric_rows(tmp_path / "c")
 
 
 @pytest.mark.slow  # a second training run; block skipping's exactness is tested on the model in test_transformer.py
@@ -86,16 +95,17 @@ def test_block_skipping_trains_like_the_full_attention(tmp_path):
     assert f"longest sequence {longest})" in json.loads((tmp_path / "blocked" / "step_cost.json").read_text())["analytic_counts"]
 
 
-def test_resume_from_checkpoint_is_bit_identical(tmp_path):
-    train(tiny_facts_config(), tmp_path / "full")
-    train(tiny_facts_config(), tmp_path / "resumed")
+def test_resume_from_checkpoint_is_bit_identical(same_seed_runs, tmp_path):
+    full, other = same_seed_runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(other, resumed)  # a second uninterrupted run, so the resume is compared with a run it did not start from
     # Forget everything after step 4, as if the run had died there, then rerun the same command.
     for step in (8, 12):
-        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
-    summary = train(tiny_facts_config(), tmp_path / "resumed")
+        shutil.rmtree(resumed / "checkpoints" / str(step))
+    summary = train(tiny_facts_config(), resumed)
     assert summary["step"] == 12
-    assert_same_state(saved_state(tmp_path / "full", 12), saved_state(tmp_path / "resumed", 12))
-    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "resumed")
+    assert_same_state(saved_state(full, 12), saved_state(resumed, 12))
+    assert metric_rows(full) == metric_rows(resumed)
 
 
 def _overrides_argv(**extra):
