@@ -41,7 +41,7 @@ setup(
         # torch 2.13.0 is pinned: it is the CPU wheel available offline; a looser spec pulls CUDA.
         "test": [
             "pytest>=8", "pytest-xdist>=3.5", "portpicker>=1.6", "torch==2.13.0", "transformers>=4.45", "accelerate>=1.0",
-            "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", *INTEROP,
+            "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "regex", *INTEROP,
         ],
     },
 )

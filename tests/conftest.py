@@ -92,3 +92,19 @@ def tiny_smollm_folder(folder):
     model.save_pretrained(folder)
     pretrained_tokenizer(smollm2_gguf()).save_hf_files(folder)
     return folder
+
+
+def unit_scale_weights(model):
+    """Refill an HF Llama's weights in place. HF's own init (std 0.02, unit norms) gives near-zero
+    logits, where a 1e-4 agreement proves little; unit-scale weights and uneven norm scales make
+    every wrong transpose visible."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)

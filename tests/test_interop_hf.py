@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import unit_scale_weights
 from safetensors.numpy import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -30,16 +31,7 @@ def hf_llama(kv_heads, tied, seed=0):
         tie_word_embeddings=tied, attn_implementation="eager", max_position_embeddings=512,
     )
     model = LlamaForCausalLM(config).to(torch.float32).eval()
-    # HF's own init (std 0.02, unit norms) gives near-zero logits, where a 1e-4 agreement proves
-    # little; unit-scale weights and uneven norm scales make every wrong transpose visible.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    unit_scale_weights(model)
     return model
 
 

@@ -79,12 +79,15 @@ def save_consolidated(out_dir, model_cfg: dict, params, meta: dict, *, overwrite
     return out_dir
 
 
-def check_output_dir(out_dir, overwrite: bool):
+def check_output_dir(out_dir, overwrite: bool, files=(MODEL_FILE,)):
+    """ValueError if `out_dir` is a file, or already holds one of an export's `files` and
+    `overwrite` is off."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{str(out_dir)!r} is a file; give --out a folder.")
-    if (out_dir / MODEL_FILE).exists() and not overwrite:
-        raise ValueError(f"{str(out_dir / MODEL_FILE)!r} already exists; pass --overwrite to replace it, or pick another --out.")
+    taken = [name for name in files if (out_dir / name).exists()]
+    if taken and not overwrite:
+        raise ValueError(f"{str(out_dir / taken[0])!r} already exists; pass --overwrite to replace it, or pick another --out.")
 
 
 def tokenizer_info(config) -> dict:

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax.interop import consolidated
 from lmjax.interop.consolidated import flat_params
 from lmjax.models.transformer import Transformer, TransformerConfig
 
@@ -270,12 +271,7 @@ def load_hf_folder(folder, *, scan_layers: bool = True, param_dtype: str = "floa
 
 
 def check_output_dir(out_dir, overwrite: bool):
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{str(out_dir)!r} is a file; give --out a folder.")
-    taken = [name for name in (CONFIG_FILE, MODEL_FILE, INDEX_FILE) if (out_dir / name).exists()]
-    if taken and not overwrite:
-        raise ValueError(f"{str(out_dir / taken[0])!r} already exists; pass --overwrite to replace it, or pick another --out.")
+    consolidated.check_output_dir(out_dir, overwrite, files=(CONFIG_FILE, MODEL_FILE, INDEX_FILE))
 
 
 def save_hf_folder(out_dir, model_cfg, params, tokenizer=None, *, overwrite: bool = False, max_position_embeddings: int = 2048) -> Path:

@@ -57,13 +57,18 @@ def read_shape(path) -> dict:
     return {name: getattr(cfg, name) for name in SHAPE_FIELDS}
 
 
-def load_pretrained(path, *, scan_layers: bool = True, param_dtype: str = "float32") -> Pretrained:
-    """Weights, config and tokenizer of a GGUF file or a Hugging Face Llama folder."""
+def load_weights(path, *, scan_layers: bool = True, param_dtype: str = "float32"):
+    """(TransformerConfig, params) of a GGUF file or a Hugging Face Llama folder."""
     if _kind(path) == "gguf":
         from lmjax.interop.gguf import load_gguf as load
     else:
         from lmjax.interop.hf import load_hf_folder as load
-    config, params = load(path, scan_layers=scan_layers, param_dtype=param_dtype)
+    return load(path, scan_layers=scan_layers, param_dtype=param_dtype)
+
+
+def load_pretrained(path, *, scan_layers: bool = True, param_dtype: str = "float32") -> Pretrained:
+    """Weights, config and tokenizer of a GGUF file or a Hugging Face Llama folder."""
+    config, params = load_weights(path, scan_layers=scan_layers, param_dtype=param_dtype)
     from lmjax.data.tokenizers import pretrained_tokenizer
 
     return Pretrained(config, params, pretrained_tokenizer(path), str(path))

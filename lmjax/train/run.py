@@ -30,7 +30,7 @@ from lmjax.parallel.layout import Layout
 from lmjax.run_dir import CHECKPOINTS, CONFIG_FILE, Checkpointer, read_run_config, save_run_tokenizer, write_run_config
 from lmjax.tasks import TASKS
 from lmjax.optim.optimizer import make_optimizer
-from lmjax.train.state import abstract_train_state, init_state_fn, state_shardings
+from lmjax.train.state import abstract_train_state, init_state_fn, state_from_params_fn, state_shardings
 from lmjax.train.step import make_train_step
 from lmjax.train.step_cost import flops_limit, step_cost_metrics
 
@@ -130,15 +130,15 @@ class Run:
         self.checkpointer.close()
 
 
-def _load_pretrained(config: RunConfig):
-    """The weights and tokenizer `checkpoint.init_from` names (None without it), in the
-    model's layer layout and parameter dtype."""
-    if not config.checkpoint.init_from:
-        return None
-    from lmjax.interop.pretrained import load_pretrained
+def _pretrained_state(config: RunConfig, tx, layout, shardings):
+    """The fresh train state around the weights `checkpoint.init_from` names, in the model's
+    layer layout and parameter dtype, placed on `shardings`."""
+    from lmjax.interop.pretrained import load_weights
 
     m = config.model
-    return load_pretrained(config.checkpoint.init_from, scan_layers=m.scan_layers, param_dtype=m.param_dtype)
+    _, host_params = load_weights(config.checkpoint.init_from, scan_layers=m.scan_layers, param_dtype=m.param_dtype)
+    params = layout.put_params(host_params, shardings.params)
+    return layout.jit(state_from_params_fn(tx), out_shardings=shardings)(params, jax.random.PRNGKey(config.seed))
 
 
 def build_run(config: RunConfig, workdir) -> Run:
@@ -151,9 +151,12 @@ def build_run(config: RunConfig, workdir) -> Run:
     write_run_config(workdir, config)
     t = config.train
 
-    pretrained = _load_pretrained(config)
     task_module = TASKS.get(config.data.name)
-    tokenizer_arg = {"tokenizer": pretrained.tokenizer} if getattr(task_module, "USES_PRETRAINED_TOKENIZER", False) else {}
+    tokenizer_arg = {}
+    if getattr(task_module, "USES_PRETRAINED_TOKENIZER", False):  # lmjax.config: then init_from is set
+        from lmjax.data.tokenizers import pretrained_tokenizer
+
+        tokenizer_arg["tokenizer"] = pretrained_tokenizer(config.checkpoint.init_from)
     task = task_module.build(
         config.data, workdir=workdir, seq_len=t.seq_len, eval_cfg=config.eval, vocab_size=config.model.vocab_size,
         **tokenizer_arg,
@@ -183,10 +186,10 @@ def build_run(config: RunConfig, workdir) -> Run:
     if resumed_from is not None:  # state and data position of that one step
         state, data_state = checkpointer.restore(abstract_train_state(init_state, config.seed, shardings), resumed_from)
         batches.set_state(data_state)
+    elif config.checkpoint.init_from:  # the weights are read only when the run starts, not when it resumes
+        state = _pretrained_state(config, tx, layout, shardings)
     else:
         state = layout.jit(init_state, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-        if pretrained is not None:  # Adam's moments start at zero whatever the weights, so only params change
-            state = state.replace(params=layout.put_params(pretrained.params, shardings.params))
 
     log = config.logging
     writer = MetricWriter(workdir, log, json.loads(to_json(config)), enabled=is_lead, resume_step=resumed_from)

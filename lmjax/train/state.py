@@ -26,6 +26,16 @@ def init_state_fn(model, tx, seq_len):
     return init_state
 
 
+def state_from_params_fn(tx):
+    """(params, rng) -> the train state `init_state_fn` would build around these parameters
+    (imported weights): the same step, optimizer state and PRNG key, no random init."""
+    def state_from_params(params, rng):
+        _, state_rng = jax.random.split(rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+    return state_from_params
+
+
 def param_shardings(model, seq_len, layout):
     """Shardings of the (unboxed) parameters from their logical axis names."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), _dummy_tokens(seq_len)))["params"]
