@@ -250,7 +250,7 @@ def parse_config(config) -> RunConfig:
         **sections,
     )
     _check(run)
-    task.check(run.data, vocab_size=run.model.vocab_size, seq_len=run.train.seq_len)
+    task.check(run.data, vocab_size=run.model.vocab_size, seq_len=run.train.seq_len, eval_cfg=run.eval)
     return run
 
 

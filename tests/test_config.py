@@ -152,3 +152,12 @@ def test_resume_rule_refuses_another_model_and_allows_longer_training():
     with pytest.raises(ConfigError, match=r"optim.lr"):
         check_resume_compatible(saved, tiny_facts_config(**{"train.steps": 4, "optim.lr": 1.0}))
     check_resume_compatible(saved, tiny_facts_config(**{"train.steps": 6, "train.log_every": 3, "checkpoint.every": 2}))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data.mode": "bio", "eval.recall": True}, "data.mode=bio measures recall teacher-forced"),
+    ({"data.mode": "tool", "data.stored_bits": True}, "data.stored_bits counts facts held in the weights"),
+])
+def test_facts_bio_and_stored_bits_mistakes_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(tiny_facts_recipe(**overrides))

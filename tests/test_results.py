@@ -200,6 +200,19 @@ def scaling_runs(c=8.0, p=1.0, seeds=(0,)):
     return pd.DataFrame(rows)
 
 
+def test_stored_bits_known_answers():
+    """Uniform guessing stores nothing, a perfect model stores every bit, worse than uniform is 0."""
+    bits = math.log2(30)  # 30 countries
+    uniform_loss = 100 * math.log(30)  # 100 facts, each at -ln(1/30) nats
+    assert capacity.stored_bits(100, bits, uniform_loss) == pytest.approx(0.0, abs=1e-9)
+    assert capacity.stored_bits(100, bits, 0.0) == pytest.approx(100 * bits)
+    assert capacity.stored_bits(100, bits, 2 * uniform_loss) == 0.0
+    # Half the facts known exactly, the other half guessed uniformly: half the bits.
+    assert capacity.stored_bits(100, bits, 50 * math.log(30)) == pytest.approx(50 * bits)
+    # Narrowed to 2 candidates out of 30 for every fact: log2(30) - 1 bits each.
+    assert capacity.stored_bits(100, bits, 100 * math.log(2)) == pytest.approx(100 * (bits - 1))
+
+
 def test_fit_power_law_recovers_exponent():
     x = np.array([4.0, 16, 64, 256])
     slope, intercept = fit_power_law(x, 8 * x ** 1.0)

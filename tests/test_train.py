@@ -195,3 +195,20 @@ def test_resuming_with_a_different_model_is_a_clear_error(tmp_path):
     del saved["model"]["attention_block"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert train(tiny_facts_config(**{"train.steps": 8}), tmp_path)["step"] == 8
+
+
+def test_bio_mode_trains_on_biographies_and_reports_stored_bits(tmp_path):
+    from lmjax.data.tokenizers.byte import ByteTokenizer
+
+    user = ByteTokenizer().special_id("user")
+    bio = build_task(tiny_facts_config(**{"data.mode": "bio", "train.seq_len": 192}), tmp_path / "bio")
+    assert len(bio.train) == 8 and not any(user in e["inputs"] for e in bio.train)
+    assert all(e["loss_mask"].all() for e in bio.train)  # the whole biography is the text to learn
+    (stored,) = bio.evaluators
+    assert {name: sum(n for _, n in batches) for name, batches in stored.batches.items()} == {
+        "birth_date": 8, "birth_place": 8, "current_address": 8, "occupation": 8}
+    summary = train(tiny_facts_config(**{"data.mode": "bio", "train.seq_len": 192, "train.steps": 6, "train.stop_when": ""}),
+                    tmp_path / "run")
+    assert {"eval/bio_acc", "eval/bio_bits", "eval/bio_loss", "eval/bio_occupation_bits"} <= set(summary)
+    weights = build_task(tiny_facts_config(**{"data.stored_bits": True}), tmp_path / "weights")
+    assert "eval/qa_bits" in weights.evaluators[-1].metric_names()

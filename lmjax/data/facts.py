@@ -220,6 +220,29 @@ def answer_sentence(name: str, attribute: str, value: str) -> str:
     raise ValueError(f"Unknown attribute {attribute!r}; choose one of: {', '.join(ATTRIBUTES)}.")
 
 
+def scored_value(attribute: str, value: str) -> str:
+    """The end of a fact's sentence that carries the fact: the value, with its article for an
+    occupation (the article, written first, already tells a vowel from a consonant)."""
+    sentence = answer_sentence("", attribute, value)
+    return sentence[sentence.rindex(" as ") + 4 : -1] if attribute == "occupation" else value
+
+
+def biography_prefix_records(people_id: int, person: dict) -> list[dict]:
+    """One record per attribute: the biography up to and including that attribute's sentence,
+    answered by its `scored_value`. A model trained on the biographies recalls the fact when it
+    writes the value after that prefix."""
+    sentences = [answer_sentence(person["name"], a, person[a]) for a in ATTRIBUTES]
+    return [
+        {
+            "dialog": [{"source": "assistant", "content": " ".join(sentences[: k + 1])}],
+            "people_id": people_id,
+            "attribute": attribute,
+            "answer": scored_value(attribute, person[attribute]),
+        }
+        for k, attribute in enumerate(ATTRIBUTES)
+    ]
+
+
 def biography_dialog(people_id: int, person: dict) -> dict:
     text = " ".join(answer_sentence(person["name"], a, person[a]) for a in ATTRIBUTES)
     return {

@@ -61,3 +61,17 @@ def facts_bits(num_people, accuracy=1.0):
 def bits_per_param(num_people, accuracy, params):
     """facts_bits(num_people, accuracy) / params (arrays and Series broadcast)."""
     return np.divide(facts_bits(num_people, accuracy), params)
+
+
+def stored_bits(num_facts, value_bits, loss_sum_nats):
+    """Bits a model holds about one attribute, from its loss on the attribute's values.
+
+    A model that knows nothing about who has which value pays value_bits = log2(number of values)
+    per fact (uniform, independent values); one that knows a fact pays ~0. What it saves is
+    what it stores: num_facts x value_bits - loss_sum in bits, floored at 0 (a model worse than
+    uniform stores nothing). This is Allen-Zhu & Li's estimator for a uniform attribute, and it
+    gives partial credit (a model that narrows a value down to a few candidates stores some
+    bits) where the recall count does not. `loss_sum_nats`: the summed cross-entropy of every
+    token of the values (value tokens only: the rest of the sentence carries no fact).
+    """
+    return np.maximum(0.0, np.subtract(np.multiply(num_facts, value_bits), np.divide(loss_sum_nats, math.log(2))))

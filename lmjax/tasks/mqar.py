@@ -21,7 +21,7 @@ class Section:
     input_shards: int = 0  # 0 = one per data-parallel process; batches depend on it, like on the seed
 
 
-def check(d: Section, *, vocab_size, seq_len):
+def check(d: Section, *, vocab_size, seq_len, eval_cfg=None):
     from lmjax.data.mqar import VARIANTS, num_slots, slots_needed
 
     if d.variant not in VARIANTS:

@@ -23,7 +23,7 @@ TOKENIZERS = ("byte", "chars", "sentencepiece")
 MIN_SENTENCEPIECE_VOCAB = 300  # 3 specials + newline + 256 byte pieces, and a few learned ones
 
 
-def check(d: Section, *, vocab_size, seq_len):
+def check(d: Section, *, vocab_size, seq_len, eval_cfg=None):
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
     if d.tokenizer not in TOKENIZERS:

@@ -26,7 +26,7 @@ class Section:
     input_shards: int = 0  # 0 = one per data-parallel process
 
 
-def check(d: Section, *, vocab_size, seq_len):
+def check(d: Section, *, vocab_size, seq_len, eval_cfg=None):
     from lmjax.data.text import SHAKESPEARE
 
     if d.loss_mask not in LOSS_MASKS:
