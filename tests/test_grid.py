@@ -383,3 +383,26 @@ def test_dry_run_prints_the_commands_and_starts_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "would launch 1 of 1 runs" in out and "--config.train.stop_when= " in out
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("sizes", ["cpu", "cluster"])
+def test_capacity_study_runs_meet_their_budgets_and_exposures(sizes, monkeypatch):
+    """experiments/capacity/grid.py: every shape within 2% of its budget, heads dividing the width
+    into even heads of 4 or more, and steps that show each biography EXPOSURES times."""
+    from lmjax.models.budget import count_params
+
+    monkeypatch.setenv("CAPACITY_SIZES", sizes)
+    grid = load_grid(ROOT / "experiments" / "capacity" / "grid.py")
+    exposures = 200 if sizes == "cpu" else 1000
+    for run in grid.runs:
+        o = run.overrides
+        budget = int(run.labels["shape"].split("_")[0][1:-1]) * 1000
+        params = count_params(dim=o["model.dim"], n_layers=o["model.n_layers"], n_heads=o["model.n_heads"],
+                              mlp_hidden=o["model.mlp_hidden"], vocab_size=260).params
+        assert abs(params - budget) <= 0.02 * budget, run.name
+        head_dim = o["model.dim"] // o["model.n_heads"]
+        assert head_dim * o["model.n_heads"] == o["model.dim"] and head_dim % 2 == 0 and head_dim >= 4
+        assert o["data.mode"] == "bio" and o["train.batch_size"] == 4 and o["train.seq_len"] == 448
+        assert run.steps == round(exposures * o["data.num_people"] / 11.96)
+    shapes = {(r.overrides["model.n_layers"], r.overrides["model.n_heads"]) for r in grid.runs}
+    assert {layers for layers, _ in shapes} >= {1, 2, 4, 8} and {heads for _, heads in shapes} >= {1, 2, 4}
