@@ -46,16 +46,19 @@ def with_study_columns(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def shape_runs(runs, people):
-    """The shape sweep: every budget with more than one shape at `people`."""
-    part = runs[runs["data.num_people"] == people]
-    return part[part.groupby("budget")["shape"].transform("nunique") > 1]
+def shape_runs(runs):
+    """The shape sweep: per budget, the runs at the number of people with the most shapes (when
+    there are several shapes)."""
+    counts = runs.groupby(["budget", "data.num_people"])["shape"].nunique().reset_index()
+    sweep = counts.sort_values("shape").groupby("budget").tail(1)
+    sweep = sweep[sweep["shape"] > 1]
+    return runs.merge(sweep[["budget", "data.num_people"]], on=["budget", "data.num_people"])
 
 
 def per_shape(shapes: pd.DataFrame) -> pd.DataFrame:
     """Mean (and spread, where there are two seeds) of each shape's numbers."""
     agg = shapes.groupby(["budget", "layers", "heads"]).agg(
-        dim=("model.dim", "first"), mlp=("model.mlp_hidden", "first"), params=("params", "first"),
+        people=("data.num_people", "first"), dim=("model.dim", "first"), mlp=("model.mlp_hidden", "first"), params=("params", "first"),
         non_embedding=("non_embedding_params", "first"), seeds=("seed", "nunique"),
         bits_per_param=("bits_per_param", "mean"), bpp_min=("bits_per_param", "min"), bpp_max=("bits_per_param", "max"),
         bits_per_non_embedding_param=("bits_per_non_embedding_param", "mean"), recall=("recall", "mean"),
@@ -73,13 +76,13 @@ def markdown_table(df: pd.DataFrame, formats: dict) -> str:
 
 
 SHAPE_COLUMNS = {
-    "layers": lambda r: f"{r['layers']}", "heads": lambda r: f"{r['heads']}",
-    "width": lambda r: f"{r['dim']}", "MLP": lambda r: f"{r['mlp']}",
+    "layers": lambda r: f"{r['layers']:.0f}", "heads": lambda r: f"{r['heads']:.0f}",
+    "width": lambda r: f"{r['dim']:.0f}", "MLP": lambda r: f"{r['mlp']:.0f}",
     "params (non-emb.)": lambda r: f"{int(r['params']):,} ({int(r['non_embedding']):,})",
     "bits/param": lambda r: f"{r['bits_per_param']:.3f}" + (
         f" ({r['bpp_min']:.3f}–{r['bpp_max']:.3f})" if r["seeds"] > 1 else ""),
     "bits/non-emb. param": lambda r: f"{r['bits_per_non_embedding_param']:.3f}",
-    "recall": lambda r: f"{r['recall']:.3f}", "seeds": lambda r: f"{r['seeds']}",
+    "recall": lambda r: f"{r['recall']:.3f}", "seeds": lambda r: f"{r['seeds']:.0f}",
     "s": lambda r: f"{r['seconds']:.0f}",
 }
 
@@ -106,7 +109,7 @@ def plot_bits_vs_params(runs, out):
     ax.set_xlabel("parameters (embeddings included)")
     ax.set_ylabel("bits stored (eval/bio_bits)")
     ax.set_title("bits stored after 200 exposures a fact")
-    ax.legend(fontsize="x-small", ncols=2, loc="lower right")
+    ax.legend(fontsize="x-small", ncols=2, loc="upper left")
     fig.savefig(out, dpi=DPI)
 
 
@@ -138,29 +141,30 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="runs/capacity")
     p.add_argument("--out", default=str(HERE))
-    p.add_argument("--people", type=int, default=256, help="the shape sweep's number of people")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     runs = with_study_columns(load_runs(args.root))
     runs.to_csv(out / "runs.csv", index=False)
-    shapes = shape_runs(runs, args.people)
+    shapes = shape_runs(runs)
     means = per_shape(shapes)
-    lines = [f"# Capacity study: results ({len(runs)} runs)\n\n",
-             f"Shape sweep: {args.people} people ({args.people * bits_per_person():,.0f} bits of facts).\n"]
+    lines = [f"# Capacity study: results ({len(runs)} runs)\n"]
     for budget, part in means.groupby("budget"):
-        lines.append(f"\n## Budget ~{budget // 1000}k parameters\n\n")
+        people = int(part["people"].iloc[0])
+        lines.append(f"\n## Budget ~{budget // 1000}k parameters, {people} people "
+                     f"({people * bits_per_person():,.0f} bits of facts)\n\n")
         lines.append(markdown_table(part.sort_values("bits_per_param", ascending=False), SHAPE_COLUMNS))
-        plot_contour(shapes[shapes["budget"] == budget], "layers", "heads", "bits_per_param",
-                     out / f"contour_b{budget // 1000}k.png", log_x=True, log_y=True, levels=10,
-                     title=f"~{budget // 1000}k parameters, {args.people} people: bits stored per parameter")
+        if part["layers"].nunique() > 1 and part["heads"].nunique() > 1:
+            plot_contour(shapes[shapes["budget"] == budget], "layers", "heads", "bits_per_param",
+                         out / f"contour_b{budget // 1000}k.png", log_x=True, log_y=True, levels=10,
+                         title=f"~{budget // 1000}k parameters, {people} people: bits stored per parameter")
     extremes = best_and_worst(means)
     lines.append("\n## Best and worst shape per budget\n\n| budget | best | worst | best / worst |\n|---|---|---|---:|\n")
     for budget, (best, worst) in extremes.items():
-        lines.append(f"| ~{budget // 1000}k | {best['layers']} layers x {best['heads']} heads, width {best['dim']}: "
-                     f"{best['bits_per_param']:.3f} | {worst['layers']} layers x {worst['heads']} heads, width "
-                     f"{worst['dim']}: {worst['bits_per_param']:.3f} | {best['bits_per_param'] / worst['bits_per_param']:.2f} |\n")
+        lines.append(f"| ~{budget // 1000}k | {best['layers']:.0f} layers x {best['heads']:.0f} heads, width {best['dim']:.0f}: "
+                     f"{best['bits_per_param']:.3f} | {worst['layers']:.0f} layers x {worst['heads']:.0f} heads, width "
+                     f"{worst['dim']:.0f}: {worst['bits_per_param']:.3f} | {best['bits_per_param'] / worst['bits_per_param']:.2f} |\n")
 
     plot_bits_vs_params(runs, out / "bits_vs_params.png")
     threshold = threshold_table(runs)
@@ -181,11 +185,11 @@ def main():
         "bits/param": lambda r: f"{r['bits_per_param']:.3f}", "s": lambda r: f"{r['time/since_start_s']:.0f}",
     }))
 
-    picked = {f"b{budget // 1000}k_L{row['layers']}_H{row['heads']}" for budget, pair in extremes.items() for row in pair}
+    picked = {f"b{budget // 1000}k_L{int(row['layers'])}_H{int(row['heads'])}" for budget, pair in extremes.items() for row in pair}
     histories = load_histories(args.root, columns=["shape", "data.num_people", "seed"])
-    histories = histories[histories["shape"].isin(picked) & (histories["data.num_people"] == args.people)]
+    histories = histories[histories["workdir"].isin(shapes["workdir"]) & histories["shape"].isin(picked)]
     plot_curves(histories, "eval/bio_bits", "shape", out / "curves.png",
-                title=f"bits stored vs step, best and worst shape per budget ({args.people} people)")
+                title="bits stored vs step, best and worst shape per budget (shape sweep)")
     lines.append(f"\nPublished (Allen-Zhu & Li): ~{REPORTED_BITS_PER_PARAM:g} bits/param after 1,000 exposures, ~1 after 100; "
                  "the original PyTorch work: ~7-9 parameters per fact in-weight.\n")
     (out / "results.md").write_text("".join(lines))
