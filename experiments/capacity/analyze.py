@@ -62,7 +62,6 @@ def per_shape(shapes: pd.DataFrame) -> pd.DataFrame:
         non_embedding=("non_embedding_params", "first"), seeds=("seed", "nunique"),
         bits_per_param=("bits_per_param", "mean"), bpp_min=("bits_per_param", "min"), bpp_max=("bits_per_param", "max"),
         bits_per_non_embedding_param=("bits_per_non_embedding_param", "mean"), recall=("recall", "mean"),
-        seconds=("time/since_start_s", "mean"),
     )
     return agg.reset_index()
 
@@ -83,7 +82,6 @@ SHAPE_COLUMNS = {
         f" ({r['bpp_min']:.3f}–{r['bpp_max']:.3f})" if r["seeds"] > 1 else ""),
     "bits/non-emb. param": lambda r: f"{r['bits_per_non_embedding_param']:.3f}",
     "recall": lambda r: f"{r['recall']:.3f}", "seeds": lambda r: f"{r['seeds']:.0f}",
-    "s": lambda r: f"{r['seconds']:.0f}",
 }
 
 
@@ -159,6 +157,12 @@ def main():
             plot_contour(shapes[shapes["budget"] == budget], "layers", "heads", "bits_per_param",
                          out / f"contour_b{budget // 1000}k.png", log_x=True, log_y=True, levels=10,
                          title=f"~{budget // 1000}k parameters, {people} people: bits stored per parameter")
+    for budget, part in means.groupby("budget"):
+        twice = runs[(runs["budget"] == budget) & (runs["data.num_people"] == 2 * part["people"].iloc[0])]
+        if len(twice):
+            lines.append(f"\n## Budget ~{budget // 1000}k at twice the people ({2 * int(part['people'].iloc[0])}): "
+                         "the shapes that stored (nearly) every fact above\n\n")
+            lines.append(markdown_table(per_shape(twice).sort_values("bits_per_param", ascending=False), SHAPE_COLUMNS))
     extremes = best_and_worst(means)
     lines.append("\n## Best and worst shape per budget\n\n| budget | best | worst | best / worst |\n|---|---|---|---:|\n")
     for budget, (best, worst) in extremes.items():
@@ -182,7 +186,7 @@ def main():
         "people": lambda r: f"{r['data.num_people']}", "params": lambda r: f"{int(r['params']):,}",
         "width": lambda r: f"{r['model.dim']}", "recall": lambda r: f"{r['recall']:.3f}",
         "bits": lambda r: f"{r['bits']:,.0f}", "of the facts' bits": lambda r: f"{r['bits'] / r['facts_bits']:.2f}",
-        "bits/param": lambda r: f"{r['bits_per_param']:.3f}", "s": lambda r: f"{r['time/since_start_s']:.0f}",
+        "bits/param": lambda r: f"{r['bits_per_param']:.3f}",
     }))
 
     picked = {f"b{budget // 1000}k_L{int(row['layers'])}_H{int(row['heads'])}" for budget, pair in extremes.items() for row in pair}
