@@ -153,7 +153,9 @@ def main():
         lines.append(f"\n## Budget ~{budget // 1000}k parameters, {people} people "
                      f"({people * bits_per_person():,.0f} bits of facts)\n\n")
         lines.append(markdown_table(part.sort_values("bits_per_param", ascending=False), SHAPE_COLUMNS))
-        if part["layers"].nunique() > 1 and part["heads"].nunique() > 1:
+        if part["bits_per_param"].max() == 0:
+            lines.append("\nNo shape stores anything at this budget: no contour to draw.\n")
+        elif part["layers"].nunique() > 1 and part["heads"].nunique() > 1:
             plot_contour(shapes[shapes["budget"] == budget], "layers", "heads", "bits_per_param",
                          out / f"contour_b{budget // 1000}k.png", log_x=True, log_y=True, levels=10,
                          title=f"~{budget // 1000}k parameters, {people} people: bits stored per parameter")
@@ -164,8 +166,12 @@ def main():
                          "the shapes that stored (nearly) every fact above\n\n")
             lines.append(markdown_table(per_shape(twice).sort_values("bits_per_param", ascending=False), SHAPE_COLUMNS))
     extremes = best_and_worst(means)
+    stored = {budget for budget, (best, _) in extremes.items() if best["bits_per_param"] > 0}
     lines.append("\n## Best and worst shape per budget\n\n| budget | best | worst | best / worst |\n|---|---|---|---:|\n")
     for budget, (best, worst) in extremes.items():
+        if best["bits_per_param"] == 0:
+            lines.append(f"| ~{budget // 1000}k | no shape stores anything | | |\n")
+            continue
         lines.append(f"| ~{budget // 1000}k | {best['layers']:.0f} layers x {best['heads']:.0f} heads, width {best['dim']:.0f}: "
                      f"{best['bits_per_param']:.3f} | {worst['layers']:.0f} layers x {worst['heads']:.0f} heads, width "
                      f"{worst['dim']:.0f}: {worst['bits_per_param']:.3f} | {best['bits_per_param'] / worst['bits_per_param']:.2f} |\n")
@@ -189,7 +195,8 @@ def main():
         "bits/param": lambda r: f"{r['bits_per_param']:.3f}",
     }))
 
-    picked = {f"b{budget // 1000}k_L{int(row['layers'])}_H{int(row['heads'])}" for budget, pair in extremes.items() for row in pair}
+    picked = {f"b{budget // 1000}k_L{int(row['layers'])}_H{int(row['heads'])}"
+              for budget, pair in extremes.items() if budget in stored for row in pair}
     histories = load_histories(args.root, columns=["shape", "data.num_people", "seed"])
     histories = histories[histories["workdir"].isin(shapes["workdir"]) & histories["shape"].isin(picked)]
     plot_curves(histories, "eval/bio_bits", "shape", out / "curves.png",
