@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from lmjax.models.budget import count_params
 from lmjax.results import load_histories, load_runs
 from lmjax.results.capacity import FACTS_PER_PERSON, REPORTED_BITS_PER_PARAM, bits_per_person
-from lmjax.results.plots import DPI, plot_contour, plot_curves, plot_smallest_model
+from lmjax.results.plots import DPI, _colors, plot_contour, plot_curves, plot_smallest_model
 
 HERE = Path(__file__).resolve().parent
 TOOL_VS_WEIGHTS = HERE.parent / "tool_vs_weights" / "runs.csv"
@@ -90,8 +90,9 @@ def plot_bits_vs_params(runs, out):
     fig = Figure(figsize=(7.2, 5.0), layout="constrained")
     ax = fig.add_subplot()
     ax.grid(True, which="both", alpha=0.3)
-    colors = dict(zip(sorted(runs["layers"].unique()), ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
-    markers = {1: "o", 2: "s", 4: "^"}
+    layers = sorted(runs["layers"].unique())
+    colors = dict(zip(layers, _colors(len(layers))))  # any number of depths (the cluster grid has six)
+    markers = {1: "o", 2: "s", 4: "^", 8: "D"}
     for (layers, heads), part in runs.groupby(["layers", "heads"]):
         ax.scatter(part["params"], part["bits"], color=colors[layers], marker=markers.get(heads, "x"), s=28,
                    label=f"{layers} layers, {heads} heads", alpha=0.85)
