@@ -1,6 +1,8 @@
 from setuptools import find_packages, setup
 
 INTEROP = ["gguf>=0.19", "tokenizers>=0.20", "jinja2>=3.1"]  # jinja2: reading chat templates
+# lm-evaluation-harness (lmjax.eval.harness); pinned: the adapter follows its hf backend's rules.
+HARNESS = ["lm_eval==0.4.13"]
 
 setup(
     name="lmjax",
@@ -35,13 +37,15 @@ setup(
         # Importing real models and their tokenizers (lmjax.interop, lmjax.data.tokenizers):
         # GGUF files and byte-level BPE. Missing, they are a one-line error naming this extra.
         "interop": INTEROP,
+        # lmjax models in EleutherAI's lm-evaluation-harness (lmjax.eval.harness).
+        "harness": HARNESS,
         # Accelerators: the jax build that matches (the CPU build comes with the base install).
         "cuda": ["jax[cuda12]>=0.10"],
         "tpu": ["jax[tpu]>=0.10"],
         # torch 2.13.0 is pinned: it is the CPU wheel available offline; a looser spec pulls CUDA.
         "test": [
             "pytest>=8", "pytest-xdist>=3.5", "portpicker>=1.6", "torch==2.13.0", "transformers>=4.45", "accelerate>=1.0",
-            "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "regex", *INTEROP,
+            "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "regex", *INTEROP, *HARNESS,
         ],
     },
 )
