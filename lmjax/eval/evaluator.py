@@ -2,8 +2,8 @@
 
 Teacher-forced requests (Loglikelihood, Rolling) become pieces, token sequences scored from some
 index on; pieces are packed first-fit into rows of `seq_len` tokens with segment ids (attention
-and RoPE restart in each, as in training), and every batch has the same shape [rows, seq_len],
-so one jitted forward serves them all. GenerateUntil requests go through the lane engine
+and RoPE restart in each, as in training), and batches have fixed shapes [rows, seq_len] (a
+short last batch: the next power of two of rows), so one jitted forward serves them all. GenerateUntil requests go through the lane engine
 (lmjax.generate), greedily, with the request's tool attached.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ class RequestEvaluator:
         for start in tqdm(batches, desc="scoring", disable=not self.progress or len(batches) < 2, leave=False):
             chunk = rows[start: start + self.rows]
             arrays = [row_arrays(row, self.seq_len) for row in chunk]
-            arrays += [row_arrays([], self.seq_len)] * (self.rows - len(chunk))
+            arrays += [row_arrays([], self.seq_len)] * (self._bucket(len(chunk)) - len(chunk))
             batch = {k: np.stack([a[k] for a in arrays]) for k in arrays[0]}
             out = jax.device_get(self._score(self.params, {k: v for k, v in batch.items() if k != "scored"}))
             for r, row in enumerate(chunk):
@@ -161,6 +161,16 @@ class RequestEvaluator:
                     counts[piece.request] += (n - piece.scored_from, int(np.sum(out["greedy"][r, span])))
                     at += n
         return [Score(float(lp), int(c[0]), int(c[1])) for lp, c in zip(logprob, counts)]
+
+    def _bucket(self, n: int) -> int:
+        """Rows of a batch holding `n` real ones: a power of two up to `rows` (so a short last
+        batch, or a handful of requests, costs at most one compile per power of two), a multiple
+        of the mesh's data axis."""
+        bucket = min(1 << (n - 1).bit_length(), self.rows)
+        if self.layout is not None:
+            data = self.layout.mesh.shape["data"]
+            bucket = -(-bucket // data) * data
+        return bucket
 
     # -- generation -----------------------------------------------------------------------------------
 
