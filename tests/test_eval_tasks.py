@@ -189,3 +189,32 @@ def test_cli_bad_task_is_one_line_and_status_2(tmp_path, capsys):
     assert main(["--workdir", str(tmp_path), "--tasks", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lmjax.eval: error: Unknown eval task 'nope'") and err.count("\n") == 1
+
+
+def test_cli_on_an_hf_folder_gives_the_bits_per_character_of_transformers(tmp_path):
+    """`--model FOLDER`: shakespeare_bpc on the first 300 characters, in one window, against the
+    same weights run by HF transformers."""
+    import torch
+    import transformers
+
+    from conftest import tiny_smollm_folder
+    from lmjax.data import shakespeare
+    from lmjax.data.tokenizers import pretrained_tokenizer
+    from lmjax.eval.__main__ import main
+
+    folder = tiny_smollm_folder(tmp_path / "llama")
+    assert main(["--model", str(folder), "--tasks", "shakespeare_bpc", "--limit", "300", "--seq_len", "256",
+                 "--out", str(tmp_path / "out"), "--no_progress"]) == 0
+    got = json.loads((tmp_path / "out" / "results.json").read_text())["metrics"]
+
+    text = shakespeare.split_train_val(shakespeare.load_text(), 0.05)[1][:300]
+    tokenizer = pretrained_tokenizer(folder)
+    prefix = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids = torch.tensor([prefix + tokenizer.encode(text)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
+    logprob = log_probs.gather(-1, ids[0, 1:, None])[:, 0].sum().item()
+    scored_chars = len(text) if prefix else len(text) - len(tokenizer.decode(ids[0, :1].tolist()))
+    assert got["eval/shakespeare_tokens"] == ids.shape[1] - 1
+    assert got["eval/shakespeare_bpc"] == pytest.approx(-logprob / math.log(2) / scored_chars, rel=1e-4)
