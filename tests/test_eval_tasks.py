@@ -164,6 +164,7 @@ def _first_name(task):
     return question[len("When was "):-len(" born?")]
 
 
+@pytest.mark.slow  # a 300-step training run (~50 s): CI runs it with -m slow
 def test_cli_facts_recall_equals_the_end_of_training_recall(tmp_path):
     from lmjax.eval.__main__ import main
     from lmjax.train.loop import train
