@@ -61,6 +61,8 @@ class Eval:
     recall: bool = False  # facts: recall by free generation at the end of training
     recall_lanes: int = 64
     recall_chunk: int = 16
+    tasks: str = ""  # python -m lmjax.eval's default task list (lmjax.eval.tasks; "" = the run's task's default)
+    async_tasks: str = ""  # evaluate every saved checkpoint with these tasks in a separate process ("" = off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +330,27 @@ def _check(c: RunConfig):
         value = getattr(c.parallel, key)
         if value == 0 or value < -1:
             raise ConfigError(f"parallel.{key} must be a positive device count or -1 (the devices left), got {value!r}.")
+    for key in ("tasks", "async_tasks"):
+        if getattr(c.eval, key):
+            check_eval_task_names(getattr(c.eval, key), f"eval.{key}")
+
+
+def check_eval_task_names(text: str, key: str):
+    """A comma-separated list of lmjax.eval.tasks names; ConfigError naming the unknown ones."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise ConfigError(f"{key} must be task names separated by commas (e.g. facts_recall,facts_bio), got {text!r}.")
+    try:
+        from lmjax.eval.tasks import EVAL_TASKS
+    except ModuleNotFoundError as error:
+        if error.name == "lmjax.eval.tasks":  # an install without the task registry: the eval reports it
+            return
+        raise
+    unknown = [name for name in names if name not in EVAL_TASKS.names()]
+    if unknown:
+        raise ConfigError(
+            f"Unknown eval task(s) {', '.join(map(repr, unknown))} in {key}; choose from: {', '.join(EVAL_TASKS.names())}."
+        )
 
 
 def parse_stop_when(text):
@@ -418,9 +441,10 @@ def from_json(text: str) -> RunConfig:
 # Keys that may change when a workdir is resumed; anything else would silently mix two runs.
 # `parallel` may change: checkpoints restore onto any mesh. `model.attention_block` computes the
 # same attention (only the f32 summation order differs), and runs saved before it existed lack it.
+# `eval.tasks` and `eval.async_tasks` only say what evaluates the saved checkpoints, outside training.
 RESUMABLE_CHANGES = (
     "logging", "checkpoint", "parallel", "train.steps", "train.stop_when", "train.log_every", "train.eval_every",
-    "model.attention_block",
+    "model.attention_block", "eval.async_tasks", "eval.tasks",
 )
 
 

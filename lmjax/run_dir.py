@@ -193,6 +193,30 @@ def warn(message: str):
     print(f"lmjax: warning: {message}", file=sys.stderr, flush=True)
 
 
+class _KeepPinned:
+    """An orbax preservation policy: keep the steps `keep_also` held for when the save began. Every
+    process must decide alike (orbax keeps its list of steps on each), so process 0 asks and
+    broadcasts its answer."""
+
+    def __init__(self, keep_also):
+        self.keep_also, self.steps = keep_also, frozenset()
+
+    def update(self, saved_steps):
+        steps = [s for s in saved_steps if self.keep_also(s)] if jax.process_index() == 0 else []
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+            padded = np.zeros(n, np.int32)
+            padded[: len(steps)] = steps
+            steps = multihost_utils.broadcast_one_to_all(padded).tolist()
+        self.steps = frozenset(int(s) for s in steps)
+
+    def should_preserve(self, checkpoints, *, context):
+        return [info.step in self.steps for info in checkpoints]
+
+
 class Checkpointer:
     """orbax checkpoints: the train state (params, optimizer, step, PRNG) plus the data position.
 
@@ -204,10 +228,17 @@ class Checkpointer:
     and checked before it is restored.
     """
 
-    def __init__(self, directory, *, keep: int, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
-        )
+    def __init__(self, directory, *, keep: int, async_save: bool = True, keep_also=None):
+        """`keep`: the newest steps kept (older ones are deleted after each save); `keep_also(step)
+        -> bool`: steps kept beyond those while it holds (asynchronous evaluation: a step not yet
+        evaluated), asked again at every save on process 0."""
+        self._pinned = None if keep_also is None else _KeepPinned(keep_also)
+        if self._pinned is None:
+            retention = {"max_to_keep": keep}
+        else:  # orbax: a preservation policy replaces max_to_keep
+            policies = [ocp.checkpoint_managers.LatestN(n=keep), self._pinned]
+            retention = {"preservation_policy": ocp.checkpoint_managers.AnyPreservationPolicy(policies)}
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True, **retention)
         self.directory = Path(directory).absolute()
         self.async_save = async_save
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -256,6 +287,8 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, *, wait: bool = False):
         self._seal_finished()  # orbax's save waits for the previous one anyway
+        if self._pinned is not None:
+            self._pinned.update(self.manager.all_steps())
         self.manager.save(
             step,
             args=ocp.args.Composite(

@@ -5,7 +5,7 @@ import sys
 
 from lmjax.grid.local import failure_lines, run_local, runs_to_launch, selected_runs, summary_line
 from lmjax.grid.multihost import write_multihost
-from lmjax.grid.slurm import write_slurm
+from lmjax.grid.slurm import eval_script_of, write_slurm
 from lmjax.grid.spec import GridError, load_grid
 from lmjax.grid.status import run_status
 from lmjax.grid.table import format_table
@@ -82,6 +82,10 @@ def _slurm(grid, runs, todo, args):
                          gpus=args.slurm_gpus, cpus=args.slurm_cpus)
     print(f"lmjax.grid: wrote {script.parent / 'commands.txt'} ({len(todo)} runs) and {script}. Submit with:\n"
           f"  sbatch {script}")
+    eval_script = eval_script_of(script)
+    if eval_script is not None:  # runs with eval.async_tasks: their evals are jobs of their own
+        print(f"and their checkpoints' evaluations ({eval_script.parent / 'eval_commands.txt'}) beside it with:\n"
+              f"  sbatch {eval_script}")
     return 0
 
 

@@ -30,6 +30,7 @@ class Run:
     workdir: Path
     command: list  # argv of `python -m lmjax.main` for this run
     steps: int  # train.steps once overridden (the progress table's denominator)
+    async_eval: str = ""  # eval.async_tasks once overridden ("" = no asynchronous evaluation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +200,8 @@ def _make_run(labels, overrides, config_path, root, base):
         *(f"--config.{key}={format_value(value)}" for key, value in overrides.items()),
         f"--workdir={workdir}",
     ]
-    return Run(name=name, labels=labels, overrides=overrides, workdir=workdir, command=command, steps=int(config.train.steps))
+    return Run(name=name, labels=labels, overrides=overrides, workdir=workdir, command=command, steps=int(config.train.steps),
+               async_eval=config.eval.async_tasks)
 
 
 def _validated_config(name, overrides, config_path, base):

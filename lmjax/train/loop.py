@@ -77,6 +77,18 @@ def _close_quietly(*closes):
             pass
 
 
+def _async_evals(run):
+    """eval.async_tasks on process 0: the follower that evaluates every saved checkpoint in a process
+    of its own (lmjax.eval.follow); None otherwise. Training never waits for it."""
+    tasks = run.config.eval.async_tasks
+    if not tasks or not run.is_lead:
+        return None
+    from lmjax.eval.follow import TrainerSide
+
+    # A TPU is held by one process: the evals beside a TPU trainer run on the host's CPU.
+    return TrainerSide(run.workdir, tasks, run.resumed_from, platforms="cpu" if jax.default_backend() == "tpu" else "")
+
+
 def train(config, workdir) -> dict:
     """Run (or resume) training in `workdir` from a checked config (lmjax.config.parse_config);
     returns the summary also written to summary.json. Raises `Diverged` or `CannotWrite` (see
@@ -88,6 +100,26 @@ def train(config, workdir) -> dict:
     evaluate = Evaluate(t.eval_every, t.steps, parse_stop_when(t.stop_when))
     stopping = lambda: stop.received is not None or evaluate.reached is not None  # noqa: E731
     actions = [log, evaluate, SaveCheckpoint(config.checkpoint.every, t.steps, stopping), RestartWindow(t.log_every)]
+    try:
+        async_evals = _async_evals(run)
+    except BaseException:
+        _close_quietly(run.close, run.writer.close)
+        stop.restore()
+        raise
+    if async_evals is not None:
+        actions.append(lambda run, metrics: async_evals.check())  # a follower that died is started again
+    finished = False
+    try:
+        summary = _train(run, config, stop, log, evaluate, stopping, actions)
+        finished = not summary["interrupted"]
+        return summary
+    finally:
+        if async_evals is not None:  # the follower evaluates what is left, then exits
+            async_evals.ended(finished)
+
+
+def _train(run, config, stop, log, evaluate, stopping, actions) -> dict:
+    t = config.train
     try:
         while run.step < t.steps and not stopping():
             metrics = run.advance()

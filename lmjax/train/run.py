@@ -181,7 +181,12 @@ def build_run(config: RunConfig, workdir) -> Run:
         shards=config.data.input_shards or len(layout.row_spans(t.batch_size)), rows=rows,
     )
     c = config.checkpoint
-    checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=c.keep, async_save=c.async_save)
+    keep_also = None
+    if config.eval.async_tasks:  # a checkpoint outlives checkpoint.keep until the follower evaluated it
+        from lmjax.eval.follow import unevaluated
+
+        keep_also = functools.partial(unevaluated, workdir)
+    checkpointer = Checkpointer(workdir / CHECKPOINTS, keep=c.keep, async_save=c.async_save, keep_also=keep_also)
     resumed_from = checkpointer.resume_step()  # the newest intact step; damaged newer ones set aside
     if resumed_from is not None:  # state and data position of that one step
         state, data_state = checkpointer.restore(abstract_train_state(init_state, config.seed, shardings), resumed_from)
