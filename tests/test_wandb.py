@@ -230,3 +230,26 @@ def test_sync_command_line(tmp_path, subprocess_env):
                           env=subprocess_env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr == f"lmjax.monitor.sync: error: {tmp_path / 'nope'} does not exist.\n"
+
+
+def test_an_evaluation_row_reaches_metrics_jsonl_tensorboard_and_wandb_at_its_step(tmp_path):
+    """lmjax.eval.record.append_metrics (what python -m lmjax.eval writes): the row with the
+    checkpoint's step in metrics.jsonl, a TensorBoard event at that step, and in the run's wandb
+    run with `eval/step`, its own x-axis (wandb would drop a step below the trainer's last)."""
+    from types import SimpleNamespace
+
+    from test_metric_writer import read_scalars
+
+    from lmjax.config import Logging, Wandb
+    from lmjax.eval.record import append_metrics
+    from lmjax.monitor.metrics import wandb_run_id
+
+    run_id, _ = wandb_run_id(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "train/loss": 2.0}\n')
+    config = SimpleNamespace(logging=Logging(tensorboard=True, wandb=Wandb(mode="offline", project="lmjax-test")))
+    append_metrics(tmp_path, config, 4, {"eval/qa_recall": 0.25})
+    assert jsonl_history(tmp_path) == [(4, {"eval/qa_recall": 0.25}), (10, {"train/loss": 2.0})]
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    assert read_scalars(events) == [("eval/qa_recall", 4, 0.25)]
+    (folder,) = offline_folders(tmp_path, run_id)
+    assert [row for _, row in wandb_history(folder)] == [{"eval/qa_recall": 0.25, "eval/step": 4}]
