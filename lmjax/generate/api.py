@@ -14,11 +14,20 @@ from lmjax.tools import TOOLS
 class Generator:
     """Holds a compiled decoder for (lanes, max_len, chunk); reuse it across calls."""
 
-    def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0, layout=None):
+    def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0, layout=None,
+                 quantize=None):
         """`tool`: query text -> reply text, called in a thread per call; a call that takes longer
         than `tool_timeout_s` seconds is answered `error: the tool timed out ...` and its lane
         goes on. `layout`: generate on a mesh (lanes over `data`, kv heads over `model`);
-        `params` must be laid out on it (see `from_workdir`)."""
+        `params` must be laid out on it (see `from_workdir`). `quantize`: weight-only
+        round-to-nearest quantization first, e.g. "int8" or "int4-g64" (lmjax.quant; GPTQ needs
+        calibration data: quantize with lmjax.quant.quantize.quantize_params and pass the result)."""
+        if quantize:
+            from lmjax.quant.quantize import param_shardings, put_params, quantize_params
+
+            params = quantize_params(model, params, quantize)
+            if layout is not None:
+                params = put_params(params, param_shardings(model, params, layout))
         self.tokenizer = tokenizer
         self.task_info = {}
         self.format = format_for(tokenizer)  # lmjax.dialog: prompts, stop tokens, tool calls

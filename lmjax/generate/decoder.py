@@ -50,14 +50,19 @@ def request_key(seed: int):
     return np.asarray([0, int(seed) & 0xFFFFFFFF], dtype=np.uint32)
 
 
+MIN_EXTENT = 128  # the smallest cache extent decode attends over (smaller ones save little and compile more)
+
+
 class Decoder:
     """prefill/decode for `model` with `lanes` lanes of `max_len` cache slots each."""
 
     def __init__(self, model, lanes: int, max_len: int, *, stop_ids=(), chunk: int = 16, min_bucket: int = 16, cache_dtype=None,
-                 sample_vocab=None, layout=None):
+                 sample_vocab=None, layout=None, attend_filled: bool = True):
         """`sample_vocab`: sample only ids below it (a tokenizer smaller than the model's vocabulary).
         `layout` (lmjax.parallel.layout): run on its mesh, the cache split by lanes over `data`
-        and by kv heads over `model`; the parameters must be laid out on the same mesh."""
+        and by kv heads over `model`; the parameters must be laid out on the same mesh.
+        `attend_filled`: decode attends over the filled part of a transformer's cache (False: over
+        every slot, as before; for comparisons)."""
         if lanes <= 0 or max_len <= 0 or chunk <= 0:
             raise ValueError(f"lanes, max_len and chunk must be positive, got {lanes}, {max_len}, {chunk}.")
         self.model, self.lanes, self.max_len, self.chunk = model, lanes, max_len, chunk
@@ -65,20 +70,24 @@ class Decoder:
         self.sample_vocab = min(sample_vocab or self.vocab_size, self.vocab_size)
         self.stop_ids = np.asarray(sorted(set(stop_ids)) or [-1], np.int32)
         self.buckets = [min_bucket * 2**i for i in range(32) if min_bucket * 2**i < max_len] + [max_len]
+        # Decode attends over the filled part of a KV cache only, rounded up to one of these
+        # extents (one compile each): a step reads the slots lanes have reached, not all of them.
+        filled = attend_filled and getattr(model, "ATTEND_SLOTS", False)
+        self.extents = sorted({min(max_len, max(MIN_EXTENT, b)) for b in self.buckets}) if filled else [max_len]
         self.cache_dtype = cache_dtype
         self.compilations = collections.Counter()  # ("prefill", bucket) / ("decode", chunk) -> traces
         self.layout = layout
         if layout is None:
             self._init = jax.jit(self._init_impl)
             self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
-            self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+            self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(3,))
         else:
             layout.check_rows(lanes, "lanes")
             shardings = self._state_shardings(layout)
             self._init = layout.jit(self._init_impl, out_shardings=shardings)
             self._prefill = layout.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=shardings)
             rep = layout.replicated
-            self._decode = layout.jit(self._decode_impl, donate_argnums=(1,), out_shardings=(shardings, rep, rep))
+            self._decode = layout.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(3,), out_shardings=(shardings, rep, rep))
 
     def _state_shardings(self, layout) -> LaneState:
         """The cache by its logical axes; the per-lane counters replicated (the host reads them)."""
@@ -113,7 +122,8 @@ class Decoder:
         for size in self.buckets:
             chunks = [[0] * size] + [[] for _ in range(self.lanes - 1)]
             state, _ = self.prefill(params, state, chunks, np.zeros(self.lanes, np.int32), requests)
-        self.decode(params, state, requests)
+        for extent in self.extents:
+            state = self._decode(params, state, requests, extent)[0]
 
     # -- host-facing calls ---------------------------------------------------------------------
 
@@ -141,8 +151,15 @@ class Decoder:
 
         Returns (state, tokens [B, chunk], counts [B]): lane b produced tokens[b, :counts[b]].
         """
-        state, out, counts = self._decode(params, state, requests)
+        state, out, counts = self._decode(params, state, requests, self.extent(state))
         return state, np.asarray(out), np.asarray(counts)
+
+    def extent(self, state) -> int:
+        """The cache slots this decode call attends over: every slot an active lane can reach in
+        `chunk` steps (its position + chunk), rounded up to an extent."""
+        position, active = np.asarray(state.position), np.asarray(state.active)
+        reach = int(position[active].max()) + self.chunk if active.any() else 0
+        return next((e for e in self.extents if e >= reach), self.extents[-1])
 
     # -- traced ---------------------------------------------------------------------------------
 
@@ -173,16 +190,17 @@ class Decoder:
         state = state.replace(cache=cache)
         return self._sample_and_advance(logits_BxV, state, requests, length_B > 0, start_B + length_B, reset_B)
 
-    def _decode_impl(self, params, state, requests):
+    def _decode_impl(self, params, state, requests, extent):
         B, K = self.lanes, self.chunk
-        self.compilations[("decode", K)] += 1
+        self.compilations[("decode", (K, extent))] += 1
+        slots = {"attend_slots": extent} if extent < self.max_len else {}
 
         def step(carry):
             i, state, out, counts = carry
             writing = state.active
             logits_BxV, cache = self.model.apply(
                 {"params": params}, state.next_token[:, None], state.position[:, None],
-                writing[:, None].astype(jnp.int32), cache=state.cache, logits_at_B=jnp.zeros((B,), jnp.int32),
+                writing[:, None].astype(jnp.int32), cache=state.cache, logits_at_B=jnp.zeros((B,), jnp.int32), **slots,
             )
             state = self._sample_and_advance(
                 logits_BxV, state.replace(cache=cache), requests, writing, state.position + 1, jnp.zeros((B,), bool)

@@ -264,8 +264,8 @@ class Attention(nn.Module):
         """Without a cache: self-attention over the L tokens. With `layer_cache` = (k, v, layer),
         k and v [layers, B, S, kv_heads, head_dim] for the whole model: the chunk's keys/values
         are written into this layer's slots `write_slots_BxL` (`write_cache`), the queries
-        attend over all S slots through the mask, and the updated (k, v) is returned beside
-        the output.
+        attend over the mask's slots (all S, or the first ones that hold anything: see
+        Transformer's `attend_slots`), and the updated (k, v) is returned beside the output.
 
         `mask`: an `AttentionMask` (any implementation; `AttentionMask.cache` with a cache) or
         a dense boolean [B, L, S] array (dense-mask implementations only: xla, cudnn)."""
@@ -273,6 +273,9 @@ class Attention(nn.Module):
         new_cache = None
         if layer_cache is not None:
             k, v, new_cache = write_cache(layer_cache[:2], layer_cache[2], write_slots_BxL, k, v)
+            if isinstance(mask, AttentionMask):  # the slots the mask covers: the filled part of the cache
+                slots = mask.kv_positions_BxS.shape[1]
+                k, v = k[:, :slots], v[:, :slots]
         out_BxLxHxD = attend(q, k, v, mask, self.implementation, block=self.block)
         out = self.projection(
             (self.n_heads, self.dim // self.n_heads), (self.dim,), ("heads", "kv", "embed"),

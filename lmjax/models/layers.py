@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax.quant.qarray import QuantizedArray
+
 Initializer = Callable[..., jax.Array]
 
 # `model.remat` names: what a layer keeps for the backward pass (None: everything, no remat).
@@ -64,6 +66,11 @@ class Projection(nn.Module):
         n_in = len(self.in_shape)
         lead = x.shape[: x.ndim - n_in]
         x_2d = x.reshape((-1, math.prod(self.in_shape))).astype(self.dtype)
+        if self.is_mutable_collection("quant_stats"):  # calibration (lmjax.quant): the inputs' Gram matrix
+            x32 = x_2d.astype(jnp.float32)
+            self.sow("quant_stats", "input_gram", x32.T @ x32)
+        if isinstance(kernel, QuantizedArray):  # weight-only quantized: dequantized here, inside the jit
+            kernel = kernel.dequantize(self.dtype)
         kernel_2d = kernel.reshape((math.prod(self.in_shape), -1)).astype(self.dtype)
         return (x_2d @ kernel_2d).reshape(lead + tuple(self.out_shape))
 
@@ -121,11 +128,16 @@ class Embedding(nn.Module):
         )
 
     def __call__(self, tokens_BxL):
+        if isinstance(self.embedding, QuantizedArray):  # dequantize only the rows looked up
+            return self.embedding.take_rows(tokens_BxL).dequantize(self.dtype)
         return jnp.take(self.embedding, tokens_BxL, axis=0).astype(self.dtype)
 
     def attend(self, x_BxLxD):
         """Logits against the embedding matrix (tied output head)."""
-        return jnp.einsum("bld,vd->blv", x_BxLxD, self.embedding.astype(self.dtype))
+        embedding = self.embedding
+        if isinstance(embedding, QuantizedArray):
+            embedding = embedding.dequantize(self.dtype)
+        return jnp.einsum("bld,vd->blv", x_BxLxD, embedding.astype(self.dtype))
 
 
 def rope_angles(positions_BxL, head_dim: int, base: float):
@@ -185,7 +197,7 @@ def scanned_layers(block_cls, cfg, in_axes):
     compiled layer whatever the depth."""
     return nn.scan(
         block_cls,
-        variable_axes={"params": 0, "intermediates": 0},
+        variable_axes={"params": 0, "intermediates": 0, "quant_stats": 0},
         split_rngs={"params": True},
         in_axes=in_axes,
         length=cfg.n_layers,

@@ -82,10 +82,12 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     cfg: TransformerConfig
+    # The decoder may pass `attend_slots`: attention over the filled part of the KV cache only.
+    ATTEND_SLOTS = True
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None, logits_at_B=None,
-                 max_segment_len: int = 0):
+                 max_segment_len: int = 0, attend_slots: int = 0):
         """Logits [B, L, V] in f32. Default: one causal sequence per row starting at position 0.
 
         `segment_ids_BxL`: packed sequences (0 = padding). `prompt_BxL`: prompt tokens, which
@@ -98,7 +100,9 @@ class Transformer(nn.Module):
         `cache_spec`, or a plain pair: it comes back in the same container). The L tokens of
         each row are a chunk at `positions_BxL` (required), written into cache slots equal to
         their positions where `segment_ids_BxL` is non-zero. Returns (logits, updated cache).
-        `logits_at_B` picks one position per row: logits are then [B, V].
+        `logits_at_B` picks one position per row: logits are then [B, V]. `attend_slots` > 0:
+        the queries attend over the first `attend_slots` slots only (a promise that no query's
+        position reaches past them: the decoder attends over the filled part of the cache).
         """
         c = self.cfg
         dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
@@ -113,7 +117,7 @@ class Transformer(nn.Module):
             mask, write_slots_BxL = AttentionMask.packed(segment_ids_BxL, prompt_BxL, max_segment_len), None
         else:
             cache_len = cache[0].shape[2]
-            mask = AttentionMask.cache(positions_BxL, cache_len, prompt_BxL)
+            mask = AttentionMask.cache(positions_BxL, min(attend_slots or cache_len, cache_len), prompt_BxL)
             write_slots_BxL = jnp.where(segment_ids_BxL != 0, positions_BxL, cache_len)
         rope = rope_angles(positions_BxL, c.dim // c.n_heads, c.rope_base)
 
