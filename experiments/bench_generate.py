@@ -49,15 +49,7 @@ def lmjax_generate(model, params, prompts, new_tokens, repeats, chunk, cache_len
     requests = LaneRequests.empty(lanes).replace(max_new=np.full(lanes, new_tokens, np.int32))
 
     def run():
-        state = decoder.init_state()
-        state, first = decoder.prefill(params, state, list(prompts), np.zeros(lanes, np.int32), requests,
-                                       prompt=[True] * lanes, reset=[True] * lanes)
-        out = [[int(t)] for t in first]
-        while np.asarray(state.active).any():
-            state, tokens, counts = decoder.decode(params, state, requests)
-            for b in range(lanes):
-                out[b] += tokens[b, : counts[b]].tolist()
-        return np.asarray(out)
+        return np.asarray(decode_prompts(decoder, params, prompts, requests))
 
     tokens = run()  # compiles
     seconds = []
@@ -66,6 +58,20 @@ def lmjax_generate(model, params, prompts, new_tokens, repeats, chunk, cache_len
         tokens = run()
         seconds.append(time.perf_counter() - start)
     return tokens, float(np.median(seconds))
+
+
+def decode_prompts(decoder, params, prompts, requests):
+    """Greedy tokens [lanes][n] of one prompt per lane: prefill, then decode until every lane stops."""
+    lanes = decoder.lanes
+    state = decoder.init_state()
+    state, first = decoder.prefill(params, state, list(prompts), np.zeros(lanes, np.int32), requests,
+                                   prompt=[True] * lanes, reset=[True] * lanes)
+    out = [[int(t)] for t in first]
+    while np.asarray(state.active).any():
+        state, tokens, counts = decoder.decode(params, state, requests)
+        for b in range(lanes):
+            out[b] += tokens[b, : counts[b]].tolist()
+    return out
 
 
 def floor_seconds(cfg, weight_bytes, lanes, prompt_len, new_tokens, bandwidth, cache_itemsize=4):

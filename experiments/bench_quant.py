@@ -12,7 +12,6 @@ adds facts recall (facts_recall, facts_bio) of f32 vs int8 vs int4.
 """
 import argparse
 import dataclasses
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,15 +27,8 @@ import numpy as np
 
 from bench_generate import lmjax_generate  # noqa: E402  (experiments/ is on the path when run as a script)
 from lmjax.models.transformer import Transformer
+from lmjax.monitor.hardware import cpu_model
 from lmjax.quant.quantize import quantize_params, weight_bytes
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001 - a name for the table only
-        return "unknown CPU"
 
 
 def evaluate(subject, tasks, limit, seq_len):
@@ -74,7 +66,7 @@ def main():
     cfg, tokenizer = pretrained.config, pretrained.tokenizer
     model = Transformer(cfg)
     params = jax.device_put(pretrained.params)
-    print(f"{cpu_name()} ({jax.devices()[0].platform}), {jax.device_count()} device(s); SmolLM2-135M from {Path(path).name}")
+    print(f"{cpu_model()} ({jax.devices()[0].platform}), {jax.device_count()} device(s); SmolLM2-135M from {Path(path).name}")
 
     ids = np.asarray(tokenizer.encode(load_text()[:400_000]), np.int32)
     calib = [ids[i * 256: (i + 1) * 256] for i in range(args.calib_rows)]
@@ -107,7 +99,7 @@ def main():
         print(f"  {name:14s} {pick(metrics, 'bpc', 'bits_per', 'perplexity')}", flush=True)
 
     f32 = rows["f32"]
-    print(f"\n| weights | MB | x f32 | " + " | ".join(f"tok/s {l} lane{'s' if l > 1 else ''} | x f32" for l in args.lanes)
+    print("\n| weights | MB | x f32 | " + " | ".join(f"tok/s {l} lane{'s' if l > 1 else ''} | x f32" for l in args.lanes)
           + " | greedy = f32 | Shakespeare |")
     for name, r in rows.items():
         speed = " | ".join(f"{r[f'tok/s@{l}']:.1f} | {r[f'tok/s@{l}'] / f32[f'tok/s@{l}']:.2f}" for l in args.lanes)

@@ -25,9 +25,11 @@ if __name__ == "__main__":  # XLA:CPU runtime choices must precede the jax impor
 import jax
 import numpy as np
 
+from bench_generate import decode_prompts  # noqa: E402  (experiments/ is on the path when run as a script)
 from lmjax.generate.decoder import Decoder, LaneRequests
 from lmjax.generate.load import load_run
 from lmjax.generate.speculative import SpeculativeDecoder, run_speculative
+from lmjax.monitor.hardware import cpu_model
 
 TARGET = dict(dim=256, n_layers=6, n_heads=4, n_kv_heads=4, mlp_hidden=768)
 DRAFT = dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=192)
@@ -55,29 +57,6 @@ def timed(fn, repeats):
     return result, float(np.median(times))
 
 
-def plain_decode(decoder, params, prompts, requests):
-    lanes = decoder.lanes
-    state = decoder.init_state()
-    state, first = decoder.prefill(params, state, list(prompts), np.zeros(lanes, np.int32), requests,
-                                   prompt=[True] * lanes, reset=[True] * lanes)
-    out = [[int(t)] for t in first]
-    while np.asarray(state.active).any():
-        state, tokens, counts = decoder.decode(params, state, requests)
-        for b in range(lanes):
-            out[b] += tokens[b, : counts[b]].tolist()
-    return out
-
-
-def cpu_name():
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-        cores = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("CPU(s)"))
-        return f"{model}, {cores} CPU(s)"
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target_workdir")
@@ -103,7 +82,7 @@ def main():
     _, target, target_params, task = load_run(target_dir)
     _, draft, draft_params, _ = load_run(draft_dir)
     n_params = lambda p: sum(x.size for x in jax.tree_util.tree_leaves(p))  # noqa: E731
-    print(f"# {cpu_name()}; jax {jax.__version__} on {jax.default_backend()}")
+    print(f"# {cpu_model()}; jax {jax.__version__} on {jax.default_backend()}")
     print(f"# target {n_params(target_params) / 1e6:.2f}M params ({target_dir}), draft {n_params(draft_params) / 1e6:.2f}M "
           f"({draft_dir}); prompt {args.prompt_len} chars, {args.new_tokens} new tokens, greedy")
 
@@ -117,7 +96,7 @@ def main():
         prompts = [ids[s: s + args.prompt_len].tolist() for s in starts]
         requests = LaneRequests.empty(lanes).replace(max_new=np.full(lanes, args.new_tokens, np.int32))
         decoder = Decoder(target, lanes, max_len, chunk=args.chunk)
-        plain, plain_s = timed(lambda: plain_decode(decoder, target_params, prompts, requests), args.repeats)
+        plain, plain_s = timed(lambda: decode_prompts(decoder, target_params, prompts, requests), args.repeats)
         plain_tps = lanes * args.new_tokens / plain_s
         for k in args.k:
             spec = SpeculativeDecoder(target, draft, lanes, max_len, k, rounds=args.rounds)

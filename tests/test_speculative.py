@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_decoder import decode_all
+
 from lmjax.generate.decoder import Decoder, LaneRequests, request_key
 from lmjax.generate.sampling import SamplingParams
 from lmjax.generate.speculative import (
@@ -42,18 +44,7 @@ def random_model(cfg, seed, head_scale=1.0):
 
 
 def target_alone(model, params, prompts, n_new, lanes, max_len, stop_ids=()):
-    decoder = Decoder(model, lanes, max_len, chunk=8, stop_ids=stop_ids)
-    requests = LaneRequests.empty(lanes).replace(max_new=np.full(lanes, n_new, np.int32))
-    chunks = list(prompts) + [[]] * (lanes - len(prompts))
-    state = decoder.init_state()
-    state, first = decoder.prefill(params, state, chunks, np.zeros(lanes, np.int32), requests,
-                                   prompt=[bool(c) for c in chunks], reset=[True] * lanes)
-    out = [[int(first[b])] for b in range(len(prompts))]
-    while np.asarray(state.active).any():
-        state, tokens, counts = decoder.decode(params, state, requests)
-        for b in range(len(prompts)):
-            out[b] += tokens[b, : counts[b]].tolist()
-    return out
+    return decode_all(Decoder(model, lanes, max_len, chunk=8, stop_ids=stop_ids), params, prompts, n_new)
 
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9]]

@@ -5,6 +5,8 @@ vendor's dense peak; on a CPU there is no honest table value, so we measure a la
 use that as the practical ceiling.
 """
 
+import os
+import platform
 import statistics
 import time
 
@@ -80,3 +82,13 @@ def measure_read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 8, device=None
             read(matrix).block_until_ready()
             best = max(best, matrix.nbytes / (time.perf_counter() - start))
     return best
+
+
+def cpu_model() -> str:
+    """The CPU's model name and core count (for benchmark tables: timings travel badly between CPUs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or platform.processor() or 'unknown CPU'}, {os.cpu_count()} CPU(s)"
