@@ -106,6 +106,10 @@ def generations(root, layouts):
         decoder = Decoder(model, lanes=8, max_len=96, chunk=8, layout=layout)
         out[name] = decode_all(decoder, placed, prompts, n_new=40)
         out[f"{name}-cache-shard"] = list(decoder.init_state().cache.k.addressable_shards[0].data.shape)
+        # a paged cache on the mesh, two lanes sharing the pages of a common 32-token prefix
+        paged = Decoder(model, lanes=8, max_len=96, chunk=8, layout=layout, page_size=16)
+        out[f"{name}-paged"] = decode_all(paged, placed, prompts[:7] + [prompts[3][:32] + [1, 2]], n_new=40)
+        out[f"{name}-paged-shared"] = int(paged.pages.counts["shared"])
     return out
 
 

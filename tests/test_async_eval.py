@@ -215,6 +215,7 @@ def test_async_eval_leaves_the_losses_bit_identical(runs_with_and_without_async_
     assert rows == train_rows(plain)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_rotation_keeps_each_checkpoint_until_its_eval_has_read_it(tmp_path, standin_eval):
     """checkpoint.keep=1 and a checkpoint every step, with evals slower than the steps: without the
     follower's hold, orbax would delete most steps before their eval (the stand-in fails on a

@@ -243,22 +243,60 @@ def test_attend_takes_a_dense_mask_and_names_unknown_implementations():
         attend(q, k, v, mask, "flash")
 
 
-def test_write_cache_writes_one_layer_at_the_slots_and_drops_padding():
-    from lmjax.models.attention import write_cache
+def test_a_kv_cache_update_writes_one_layer_at_the_slots_and_drops_padding():
+    from lmjax.models.kv_cache import KVCache
 
     layers, B, S, K, D = 3, 2, 6, 1, 4
     rng = np.random.default_rng(0)
     k_all, v_all = (jnp.asarray(rng.normal(size=(layers, B, S, K, D)), jnp.float32) for _ in range(2))
     k, v = (rng.normal(size=(B, 2, K, D)).astype(np.float32) for _ in range(2))
     slots = jnp.asarray([[2, 3], [0, S]])  # row 1's second token is padding: slot S is dropped
-    k_layer, v_layer, (k_new, v_new) = write_cache((k_all, v_all), 1, slots, k, v)
+    k_layer, v_layer, (k_new, v_new) = KVCache(k_all, v_all).update(1, slots, k, v, n_slots=5)
     want_k, want_v = np.array(k_all), np.array(v_all)
     want_k[1, 0, 2:4], want_v[1, 0, 2:4] = k[0], v[0]
     want_k[1, 1, 0], want_v[1, 1, 0] = k[1, 0], v[1, 0]
     np.testing.assert_array_equal(np.asarray(k_new), want_k)
     np.testing.assert_array_equal(np.asarray(v_new), want_v)
-    np.testing.assert_array_equal(np.asarray(k_layer), want_k[1])
-    np.testing.assert_array_equal(np.asarray(v_layer), want_v[1])
+    np.testing.assert_array_equal(np.asarray(k_layer), want_k[1, :, :5])
+    np.testing.assert_array_equal(np.asarray(v_layer), want_v[1, :, :5])
+
+
+def test_a_paged_cache_reads_and_writes_what_a_contiguous_one_does_through_its_page_table():
+    """Lanes' slots scattered over shuffled pages, one lane with a page missing at its end:
+    every write lands where the page table says, reads equal the contiguous cache's slots,
+    and writes to a slot without a page are dropped."""
+    from lmjax.models.kv_cache import KVCache, PagedKVCache
+
+    layers, B, P, per_lane, K, D = 2, 3, 4, 3, 2, 2
+    S, n_pages = P * per_lane, B * per_lane + 1
+    rng = np.random.default_rng(1)
+    table = rng.permutation(n_pages)[: B * per_lane].reshape(B, per_lane)
+    table[2, 2] = n_pages  # lane 2 has no third page
+    contiguous = np.asarray(rng.normal(size=(2, layers, B, S, K, D)), np.float32)
+    contiguous[:, :, 2, 2 * P:] = 0  # what a missing page reads as
+    pages = np.zeros((2, layers, n_pages, P, K, D), np.float32)
+    for b in range(B):
+        for i, page in enumerate(table[b]):
+            if page < n_pages:
+                pages[:, :, page] = contiguous[:, :, b, i * P:(i + 1) * P]
+    paged = PagedKVCache(jnp.asarray(pages[0]), jnp.asarray(pages[1]), jnp.asarray(table, jnp.int32))
+    flat = KVCache(jnp.asarray(contiguous[0]), jnp.asarray(contiguous[1]))
+    k, v = (rng.normal(size=(B, 3, K, D)).astype(np.float32) for _ in range(2))
+    slots = jnp.asarray([[3, 4, 5], [9, 10, S], [7, 8, 9]])  # lane 2's slot 8 and 9 have no page
+    got_k, got_v, new_paged = paged.update(1, slots, k, v, n_slots=11)
+    kept = np.array(slots)
+    kept[2][kept[2] >= 2 * P] = S  # the contiguous cache drops those writes too
+    want_k, want_v, new_flat = flat.update(1, jnp.asarray(kept), k, v, 11)
+    np.testing.assert_array_equal(np.asarray(got_k), np.asarray(want_k))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    assert got_k.shape == (B, 11, K, D)
+    # read back every layer through a fresh update that writes nothing
+    nothing = jnp.full((B, 1), S)
+    for layer in range(layers):
+        a = new_paged.update(layer, nothing, k[:, :1], v[:, :1], S)
+        b_ = new_flat.update(layer, nothing, k[:, :1], v[:, :1], S)
+        np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b_[0]))
+        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b_[1]))
 
 
 def test_the_projection_is_swappable_and_keeps_the_parameter_paths():

@@ -143,6 +143,7 @@ def test_no_intact_checkpoint_left_is_one_error_that_names_them_all(full, tmp_pa
         run_dir.restore_params(workdir)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_async_saves_are_sealed_once_finished_and_unsealed_steps_are_trusted(tmp_path):
     """With async saves each step gets its checksums at the next save or at the end; a step
     without them (a run from before they existed) is trusted as orbax committed it."""

@@ -9,7 +9,8 @@ import pytest
 
 from lmjax.generate.cache import init_cache
 from lmjax.generate.decoder import Decoder, LaneRequests
-from lmjax.models.transformer import KVCache, Transformer, TransformerConfig
+from lmjax.models.kv_cache import KVCache
+from lmjax.models.transformer import Transformer, TransformerConfig
 
 CFG = TransformerConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64)
 
@@ -96,6 +97,7 @@ def test_greedy_decoding_equals_rerunning_the_full_forward_for_prompts_of_differ
         assert tokens == naive_greedy(model, params, prompt, 12)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_prefix_lm_generation_matches_the_training_mask():
     cfg = dataclasses.replace(CFG, prefix_lm=True)
     model, params = random_model(cfg, seed=4)
@@ -117,6 +119,7 @@ def test_prefix_lm_generation_matches_the_training_mask():
     assert np.abs(np.asarray(causal - full))[0, :-1].max() > 1e-4
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_each_shape_compiles_once_over_many_prompts():
     model, params = random_model()
     decoder = Decoder(model, lanes=3, max_len=64, chunk=4)
@@ -129,6 +132,7 @@ def test_each_shape_compiles_once_over_many_prompts():
     assert {size for kind, size in decoder.compilations if kind == "prefill"} <= set(decoder.buckets)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_stops_at_stop_tokens_max_new_and_a_full_cache():
     model, params = random_model()
     prompt = [5, 6, 7]
@@ -141,6 +145,7 @@ def test_stops_at_stop_tokens_max_new_and_a_full_cache():
     assert decode_all(Decoder(model, lanes=1, max_len=8), params, [prompt], n_new=10)[0] == free[:6]
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_decoding_a_trained_model_equals_the_full_forward(tmp_path):
     from conftest import tiny_facts_config
 
@@ -160,6 +165,7 @@ def test_decoding_a_trained_model_equals_the_full_forward(tmp_path):
         assert tokens == naive_greedy(model, params, prompt, 20)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_warm_up_compiles_every_shape_so_generation_never_compiles_again():
     model, params = random_model()
     decoder = Decoder(model, lanes=2, max_len=48, chunk=4)

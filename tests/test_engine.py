@@ -160,6 +160,7 @@ def test_bad_prompts_are_clear_errors(model_and_params, prompt, message):
         engine.generate([Request([5, 6]), Request(prompt)])
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_sampled_completions_depend_on_the_seed_not_on_lanes_or_chunks(model_and_params):
     model, params = model_and_params
     stops = FMT.stop_ids

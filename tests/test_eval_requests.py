@@ -102,6 +102,7 @@ def test_rolling_windows_predict_every_token_once_with_full_rows():
     assert all(len(p.tokens) - 1 == SEQ_LEN for p in pieces)  # the last window backfills its context
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_generate_until_is_greedy_generation_cut_at_the_stop_string(model_and_params):
     model, params = model_and_params
     tokenizer = ByteTokenizer()

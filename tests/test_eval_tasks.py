@@ -43,6 +43,7 @@ def trainer_metrics(task, subject):
     return metrics
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_facts_bio_equals_the_bio_modes_stored_bits_evaluator(tmp_path):
     config = tiny_facts_config(**{"data.mode": "bio", "eval.recall": False, "train.seq_len": 160})
     task = build_task(config, tmp_path)

@@ -127,6 +127,7 @@ def test_cudnn_name_falls_back_to_xla_off_gpu():
     assert_close(jax.jit(cudnn_attention)(q, k, v, mask), xla_attention(q, k, v, mask), 2e-5)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_transformer_pallas_matches_xla_logits_and_gradients():
     rng = np.random.default_rng(5)
     B, L, V = 2, 16, 19
@@ -151,6 +152,7 @@ def test_transformer_pallas_matches_xla_logits_and_gradients():
     jax.tree.map(lambda a, b: assert_close(a, b, 2e-5), grads_pallas, grads_xla)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_transformer_pallas_with_cache_runs_xla():
     """With a KV cache the pallas implementation falls back to xla: identical logits."""
     B, L, S, V = 1, 5, 12, 11

@@ -82,6 +82,7 @@ def facts_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_run_answers_equal_request_evaluator_answers(facts_run):
     """Through the harness (tasks, prompts, context/continuation split, windows, stop strings)
     each answer equals RequestEvaluator's answer to the request written here from the doc."""

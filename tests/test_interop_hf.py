@@ -66,9 +66,13 @@ def assert_logits_close(got, want):
 
 # (kv heads, tied): one kv head (multi-query), grouped, and as many as query heads (plain MHA).
 CASES = [(1, True), (2, False), (4, True), (4, False)]
+SLOW_CASES = [(1, True), (4, True)]  # ~20-35 s each on two cores: in the slow run
 
 
-@pytest.mark.parametrize("kv_heads,tied", CASES, ids=[f"kv{k}-{'tied' if t else 'untied'}" for k, t in CASES])
+@pytest.mark.parametrize("kv_heads,tied", [
+    pytest.param(k, t, id=f"kv{k}-{'tied' if t else 'untied'}", marks=pytest.mark.slow if (k, t) in SLOW_CASES else ())
+    for k, t in CASES
+])
 def test_import_gives_transformers_logits(tmp_path, kv_heads, tied):
     hf = hf_llama(kv_heads, tied)
     hf.save_pretrained(tmp_path)

@@ -77,6 +77,7 @@ def loud(variables):
     return jax.tree_util.tree_map_with_path(scale, variables)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_packed_row_equals_separate_sequences():
     model = Mamba(tiny())
     a = jax.random.randint(jax.random.PRNGKey(2), (1, 7), 0, 40)
@@ -115,6 +116,7 @@ def test_step_by_step_equals_the_parallel_forward(scan_layers):
     np.testing.assert_allclose(logits, parallel[:, 6], **TOL)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_model_scans_agree():
     tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 10), 0, 40)
     variables = loud(jax.jit(Mamba(tiny()).init)(jax.random.PRNGKey(0), tokens))

@@ -183,6 +183,7 @@ def test_recipe_validates_and_links_model_vocab_and_train_length_to_the_data():
     assert json.loads(json.dumps(config.to_dict()))["model"]["vocab_size"] == 128
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_tiny_training_run_reports_mqar_accuracy(tmp_path):
     from lmjax.train.loop import train
 

@@ -113,3 +113,7 @@ def test_greedy_generation_on_a_mesh_equals_one_device_token_for_token(results, 
     # divide 8 model devices, so there they stay whole): [layers, lanes, slots, kv heads, dim].
     expected_shard = {"4x2": [2, 2, 96, 2, 8], "1x8": [2, 8, 96, 4, 8]}[mesh]
     assert generations[f"{mesh}-cache-shard"] == expected_shard
+    # the paged cache on the same mesh: the same tokens, and the last lane shares two pages
+    assert generations[f"{mesh}-paged"][:7] == generations["one-device"][:7]
+    assert generations[f"{mesh}-paged"] == generations["one-device-paged"]
+    assert generations[f"{mesh}-paged-shared"] == 2

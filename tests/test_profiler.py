@@ -36,6 +36,7 @@ def test_light_profile_flops_and_probes_are_logged(tmp_path):
     assert probed == [4, 8, 12]
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_trace_profile_writes_a_trace_of_the_chosen_steps(tmp_path):
     config = tiny_facts_config(**{
         "implementation.profiler": "trace", "logging.profile_start": 2, "logging.profile_stop": 4, "train.steps": 6,

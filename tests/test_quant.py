@@ -87,6 +87,7 @@ def test_int8_logits_close_to_float_and_every_matmul_weight_quantized():
     assert weight_bytes(qparams) < 0.3 * weight_bytes(params)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_tied_embedding_quantized_per_vocabulary_row():
     model, params = tiny(TransformerConfig(**{**CFG.__dict__, "tie_embeddings": True}))
     qparams = quantize_params(model, params, "int4-g16")
@@ -134,6 +135,7 @@ def test_generator_quantize_option():
     assert [c.tokens for c in a] == [c.tokens for c in b]
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_gptq_lowers_output_error_against_round_to_nearest():
     model, params = tiny()
     rng = np.random.default_rng(0)

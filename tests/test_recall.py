@@ -5,6 +5,8 @@ of the original codebase ("correct_suffix", `eval/{set}_recall_suffix`), kept fo
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from test_tool_call import TOK, tool_generator, trained_tool_model
 
 from lmjax.data.facts import ATTRIBUTE_VALUES
@@ -17,6 +19,7 @@ def with_expected(record, answer):
     return dict(record, answer=answer)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_qa_recall_counts_whole_answers_ending_with_a_period(tmp_path_factory):
     _, _, _, records = trained_tool_model(tmp_path_factory.getbasetemp())
     generator = tool_generator(tmp_path_factory.getbasetemp())

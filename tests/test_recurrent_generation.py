@@ -28,9 +28,9 @@ FAMILIES = {
 PAD_TO = 96
 
 
-# In the default run: chunked Mamba, Hawk and minLSTM (no conv window: a state of another shape).
-# The sequential, unscanned Mamba and minGRU (Hawk's state, another cell) are in the slow run (~27 s each).
-SLOW_FAMILIES = ("mamba-sequential", "mingru")
+# In the default run: chunked Mamba and minLSTM (no conv window: a state of another shape).
+# The sequential, unscanned Mamba, Hawk and minGRU (Hawk's state, another cell) are in the slow run (~20-27 s each).
+SLOW_FAMILIES = ("mamba-sequential", "mingru", "hawk")
 
 
 @pytest.fixture(scope="module", params=[

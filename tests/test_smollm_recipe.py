@@ -89,6 +89,7 @@ def test_imported_start_matches_transformers_loss(tmp_path, tiny_folder, corpus,
     assert first_eval_loss(metrics) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_chat_fine_tuning_on_assistant_tokens_learns_and_generates_and_exports(tmp_path, tiny_folder, corpus):
     from lmjax.generate.api import Generator
     from lmjax.interop.hf import export_run_hf

@@ -3,6 +3,7 @@ for token when greedy, in distribution (exact enumeration) when sampling."""
 import dataclasses
 import functools
 import itertools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 
 from test_decoder import decode_all
+from test_engine import FMT, PAD_TO, TOK, model_and_params, naive_dialog  # noqa: F401 (a fixture)
 
 from lmjax.generate.decoder import Decoder, LaneRequests, request_key
 from lmjax.generate.sampling import SamplingParams
 from lmjax.generate.speculative import (
-    SpeculativeDecoder, accept_reject, decoder_for, run_speculative, speculative_generate,
+    SpeculativeDecoder, SpeculativeLanes, accept_reject, decoder_for, run_speculative, speculative_generate,
 )
 from lmjax.models.transformer import Transformer, TransformerConfig
 
@@ -192,3 +194,30 @@ def test_sampled_sequences_follow_the_target_distribution_exactly():
     assert chi_square_p_value(counts, exact) > 1e-4
     assert 0.5 * np.abs(exact - draft_alone).sum() > 0.1
     assert chi_square_p_value(counts, draft_alone) < 1e-12
+
+
+# --- speculative decoding in the lane engine, with tool calls ----------------------------------
+
+
+def test_speculative_lanes_with_tool_calls_give_the_target_alones_dialogs(model_and_params):
+    """A weaker random draft proposes, the engine's target (made to call tools often) verifies:
+    greedy dialogs with tool replies injected mid-generation equal the naive target-only ones."""
+    import flax.linen as nn
+
+    from lmjax.generate.engine import LaneEngine, Request
+
+    model, params = model_and_params
+    draft = Transformer(TransformerConfig(vocab_size=model.cfg.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=32))
+    draft_params = nn.meta.unbox(jax.jit(draft.init)(jax.random.PRNGKey(5), jnp.zeros((1, 8), jnp.int32))["params"])
+    prompts = [TOK.encode(t) for t in ("Hi", "When was Ada born?", "Tell me", "ok then!")]
+
+    def tool(query):
+        time.sleep(0.01 * (len(query) % 3))
+        return f"r{len(query) % 5}"
+
+    lanes = SpeculativeLanes(SpeculativeDecoder(model, draft, 2, PAD_TO, k=3, stop_ids=FMT.stop_ids, rounds=2))
+    engine = LaneEngine(lanes, (params, draft_params), TOK, tool=tool)
+    completions = engine.generate([Request(p, max_new_tokens=14, id=i) for i, p in enumerate(prompts)])
+    assert sum(len(c.tool_calls) for c in completions) >= 2
+    for prompt, completion in zip(prompts, completions):
+        assert completion.tokens == naive_dialog(model, params, prompt, tool, 14)

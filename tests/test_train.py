@@ -164,6 +164,7 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path):
     assert (tmp_path / "wandb_id").read_text().strip() == run_id
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_tool_mode_trains_on_tool_dialogs_and_reports_unseen_people(tmp_path):
     from lmjax.data.tokenizers.byte import ByteTokenizer
 
@@ -197,6 +198,7 @@ def test_resuming_with_a_different_model_is_a_clear_error(tmp_path):
     assert train(tiny_facts_config(**{"train.steps": 8}), tmp_path)["step"] == 8
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_bio_mode_trains_on_biographies_and_reports_stored_bits(tmp_path):
     from lmjax.data.tokenizers.byte import ByteTokenizer
 

@@ -15,13 +15,15 @@ class Generator:
     """Holds a compiled decoder for (lanes, max_len, chunk); reuse it across calls."""
 
     def __init__(self, model, params, tokenizer, *, lanes=8, max_len=256, chunk=16, tool=None, tool_timeout_s=5.0, layout=None,
-                 quantize=None):
+                 quantize=None, page_size=0, n_pages=0):
         """`tool`: query text -> reply text, called in a thread per call; a call that takes longer
         than `tool_timeout_s` seconds is answered `error: the tool timed out ...` and its lane
         goes on. `layout`: generate on a mesh (lanes over `data`, kv heads over `model`);
         `params` must be laid out on it (see `from_workdir`). `quantize`: weight-only
         round-to-nearest quantization first, e.g. "int8" or "int4-g64" (lmjax.quant; GPTQ needs
-        calibration data: quantize with lmjax.quant.quantize.quantize_params and pass the result)."""
+        calibration data: quantize with lmjax.quant.quantize.quantize_params and pass the result).
+        `page_size` (transformers): a paged KV cache of `n_pages` pages (default: the memory of
+        lanes * max_len slots) whose common prompt prefixes are shared (lmjax.generate.pages)."""
         if quantize:
             from lmjax.quant.quantize import param_shardings, put_params, quantize_params
 
@@ -32,7 +34,8 @@ class Generator:
         self.task_info = {}
         self.format = format_for(tokenizer)  # lmjax.dialog: prompts, stop tokens, tool calls
         decoder = Decoder(
-            model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk, sample_vocab=tokenizer.vocab_size, layout=layout
+            model, lanes, max_len, stop_ids=self.format.stop_ids, chunk=chunk, sample_vocab=tokenizer.vocab_size, layout=layout,
+            page_size=page_size, n_pages=n_pages,
         )
         self.engine = LaneEngine(decoder, params, tokenizer, tool=tool, tool_timeout_s=tool_timeout_s, dialog_format=self.format)
 

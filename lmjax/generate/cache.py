@@ -2,7 +2,8 @@
 
 Each model family describes its own as a pytree of `CacheLeaf` (shape, dtype, logical axes,
 lmjax.models.cache_spec) through `model.cache_spec(lanes, max_len, dtype=None)`: a `KVCache`
-for the Transformer (lmjax.models.transformer), the recurrent state for Mamba and RNNs
+for the Transformer (lmjax.models.kv_cache; with `page_size=` a `PagedKVCache`, whose pages the
+decoder hands out through lmjax.generate.pages), the recurrent state for Mamba and RNNs
 (constant in size per lane). The decoder builds zeros from it and, on a mesh, shards each leaf
 by its logical axes like a parameter; the model's `__call__(..., cache=...)` takes and returns
 that pytree. This module is the decoder's whole view of a cache.

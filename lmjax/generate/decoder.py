@@ -9,6 +9,12 @@ Per lane the state keeps `next_token` (sampled and already reported, not yet in 
 `position` (the cache slot it will be written to). The sample for a lane's n-th generated token
 uses the key `fold_in(request_key, n)`, so a request's tokens depend on its own seed only: not
 on the lane it ran in, the other lanes, or how decoding was chunked.
+
+A transformer's cache may be paged (`page_size` > 0): the decoder then keeps the host side of
+it (`self.pages`, lmjax.generate.pages) for the state of its latest `init_state`, gives lanes
+pages before each call writes, shares the pages of common prompt prefixes between lanes, and
+can page a waiting lane out to host memory (`page_out` / `page_in`). Calls and results are the
+same as with the contiguous cache.
 """
 import collections
 from typing import Any
@@ -18,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.generate.cache import cache_spec, init_cache, is_leaf
+from lmjax.generate.cache import cache_spec, is_leaf
+from lmjax.generate.pages import PagePool
+from lmjax.models.cache_spec import zeros_of
 from lmjax.generate.sampling import SamplingParams, sample
 
 
@@ -57,14 +65,25 @@ class Decoder:
     """prefill/decode for `model` with `lanes` lanes of `max_len` cache slots each."""
 
     def __init__(self, model, lanes: int, max_len: int, *, stop_ids=(), chunk: int = 16, min_bucket: int = 16, cache_dtype=None,
-                 sample_vocab=None, layout=None, attend_filled: bool = True):
+                 sample_vocab=None, layout=None, attend_filled: bool = True, page_size: int = 0, n_pages: int = 0):
         """`sample_vocab`: sample only ids below it (a tokenizer smaller than the model's vocabulary).
         `layout` (lmjax.parallel.layout): run on its mesh, the cache split by lanes over `data`
         and by kv heads over `model`; the parameters must be laid out on the same mesh.
         `attend_filled`: decode attends over the filled part of a transformer's cache (False: over
-        every slot, as before; for comparisons)."""
+        every slot, as before; for comparisons).
+        `page_size` > 0 (transformers): a paged cache of `n_pages` pages of `page_size` slots
+        (default: as many slots as the contiguous cache, lanes * max_len), `max_len` a multiple
+        of `page_size`; common prompt prefixes share pages (not for prefix-LM models)."""
         if lanes <= 0 or max_len <= 0 or chunk <= 0:
             raise ValueError(f"lanes, max_len and chunk must be positive, got {lanes}, {max_len}, {chunk}.")
+        self.page_size = page_size
+        if page_size:
+            if not getattr(model, "PAGED_CACHE", False):
+                raise ValueError(f"A paged cache needs a transformer; {type(model).__name__} keeps a recurrent state.")
+            if page_size < 0 or max_len % page_size:
+                raise ValueError(f"max_len={max_len} must be a multiple of page_size={page_size} (> 0).")
+            self.n_pages = n_pages or lanes * max_len // page_size
+            self.share_prefixes = not getattr(model.cfg, "prefix_lm", False)
         self.model, self.lanes, self.max_len, self.chunk = model, lanes, max_len, chunk
         self.vocab_size = model.cfg.vocab_size
         self.sample_vocab = min(sample_vocab or self.vocab_size, self.vocab_size)
@@ -88,21 +107,39 @@ class Decoder:
             self._prefill = layout.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=shardings)
             rep = layout.replicated
             self._decode = layout.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(3,), out_shardings=(shardings, rep, rep))
+        if page_size:
+            jit = jax.jit if layout is None else layout.jit
+            out = {} if layout is None else {"out_shardings": shardings}
+            self._read_pages = jit(self._read_pages_impl)
+            self._write_pages = jit(self._write_pages_impl, donate_argnums=(0,), **out)
+            self._copy_pages = jit(self._copy_pages_impl, donate_argnums=(0,), **out)
 
     def _state_shardings(self, layout) -> LaneState:
         """The cache by its logical axes; the per-lane counters replicated (the host reads them)."""
-        spec = cache_spec(self.model, self.lanes, self.max_len, self.cache_dtype)
+        spec = self._cache_spec()
         cache = jax.tree_util.tree_map(lambda leaf: layout.sharding(leaf.shape, leaf.axes), spec, is_leaf=is_leaf)
         rep = layout.replicated
         return LaneState(cache=cache, next_token=rep, position=rep, generated=rep, active=rep)
 
+    def _cache_spec(self):
+        if not self.page_size:
+            return cache_spec(self.model, self.lanes, self.max_len, self.cache_dtype)
+        return self.model.cache_spec(self.lanes, self.max_len, self.cache_dtype, page_size=self.page_size, n_pages=self.n_pages)
+
     def init_state(self) -> LaneState:
+        """Empty lanes (for a paged cache: every page free, nothing shared)."""
+        if self.page_size:
+            self.pages = PagePool(self.n_pages, self.page_size, self.lanes, self.max_len // self.page_size, self.share_prefixes)
+            self.pages.changed = False  # the device's table is all "no page" too
         return self._init()
 
     def _init_impl(self) -> LaneState:
         B = self.lanes
+        cache = zeros_of(self._cache_spec())
+        if self.page_size:
+            cache = cache._replace(page_table=jnp.full_like(cache.page_table, self.n_pages))
         return LaneState(
-            cache=init_cache(self.model, B, self.max_len, self.cache_dtype),
+            cache=cache,
             next_token=jnp.zeros((B,), jnp.int32),
             position=jnp.zeros((B,), jnp.int32),
             generated=jnp.zeros((B,), jnp.int32),
@@ -124,6 +161,11 @@ class Decoder:
             state, _ = self.prefill(params, state, chunks, np.zeros(self.lanes, np.int32), requests)
         for extent in self.extents:
             state = self._decode(params, state, requests, extent)[0]
+        if self.page_size:
+            none = self._padded([])
+            state = self._copy_pages(state, none, none)
+            k, v = self._read_pages(state.cache, none)
+            self._write_pages(state, none, k, v)
 
     # -- host-facing calls ---------------------------------------------------------------------
 
@@ -136,23 +178,140 @@ class Decoder:
         Returns (state, next_token [B] as numpy).
         """
         B = self.lanes
-        lengths = np.asarray([len(c) for c in chunks], np.int32)
-        T = self.bucket(max(int(lengths.max()), 1))
-        tokens = np.zeros((B, T), np.int32)
-        for b, chunk in enumerate(chunks):
-            tokens[b, : len(chunk)] = chunk
+        chunks, starts = [list(c) for c in chunks], np.array(starts, np.int32)
         prompt = np.zeros(B, bool) if prompt is None else np.asarray(prompt, bool)
         reset = np.zeros(B, bool) if reset is None else np.asarray(reset, bool)
-        state = self._prefill(params, state, tokens, np.asarray(starts, np.int32), lengths, prompt, reset, requests)
+        later = set()
+        if self.page_size:
+            state, later = self._pages_for_prefill(state, chunks, starts, reset)
+        # Lanes that share pages other lanes fill now go second, in a call padded to their own
+        # (shorter) chunks: one long system prompt is then computed once, not once per lane.
+        for group in ([c if b not in later else [] for b, c in enumerate(chunks)],
+                      [c if b in later else [] for b, c in enumerate(chunks)]):
+            if any(group):
+                state = self._prefill_call(params, state, group, starts, prompt, reset, requests)
         return state, np.asarray(state.next_token)
+
+    def _prefill_call(self, params, state, chunks, starts, prompt, reset, requests):
+        lengths = np.asarray([len(c) for c in chunks], np.int32)
+        tokens = np.zeros((self.lanes, self.bucket(max(int(lengths.max()), 1))), np.int32)
+        for b, chunk in enumerate(chunks):
+            tokens[b, : len(chunk)] = chunk
+        return self._prefill(params, state, tokens, starts, lengths, prompt, reset, requests)
 
     def decode(self, params, state, requests):
         """Up to `chunk` decode steps for every active lane, stopping early once none is active.
 
         Returns (state, tokens [B, chunk], counts [B]): lane b produced tokens[b, :counts[b]].
         """
+        if self.page_size:
+            before = (np.asarray(state.position), np.asarray(state.next_token))
+            state = self._pages_for_decode(state, *before)
         state, out, counts = self._decode(params, state, requests, self.extent(state))
-        return state, np.asarray(out), np.asarray(counts)
+        out, counts = np.asarray(out), np.asarray(counts)
+        if self.page_size:
+            for b in np.flatnonzero(counts):  # a step writes the token sampled by the step before
+                self.pages.wrote(b, int(before[0][b]), [before[1][b], *out[b, : counts[b] - 1]])
+        return state, out, counts
+
+    # -- paged cache ----------------------------------------------------------------------------
+
+    def release_lane(self, b: int) -> None:
+        """Lane b's dialog is over: its pages go back to the pool (shared prefixes stay cached)."""
+        if self.page_size:
+            self.pages.release(b)
+
+    def page_out(self, state, b: int):
+        """Free lane b's pages while it waits (e.g. on a tool call): its full pages stay in the
+        prefix cache (spilled to host memory if the pool needs them), its partly filled last page
+        is copied to the host. Returns what `page_in` needs."""
+        self.pages.read_page = lambda page: self._read_page(state, page)
+        return self.pages.page_out(b)
+
+    def page_in(self, state, b: int, saved):
+        """Lane b holds its pages again, as before `page_out`; returns the state. Raises
+        CacheFull when too few pages are free (nothing changes then)."""
+        self.pages.read_page = lambda page: self._read_page(state, page)
+        self.pages.page_in(b, *saved)
+        return self._sync_pages(state)
+
+    def _pages_for_prefill(self, state, chunks, starts, reset):
+        """Pages for every slot the chunks write; a new dialog (reset at slot 0) first takes the
+        shared pages of its prefix and drops those tokens from its chunk. Lanes are registered
+        one after the other, so a lane may share pages another lane fills in this prefill.
+        Returns (state, the lanes that do)."""
+        self.pages.read_page = lambda page: self._read_page(state, page)
+        P, filling, later = self.page_size, set(), set()
+        for b, chunk in enumerate(chunks):
+            if not chunk:
+                continue
+            if reset[b] and starts[b] == 0:
+                n = self.pages.share_prefix(b, chunk)
+                chunks[b], starts[b] = chunk[n:], n
+                if filling.intersection(self.pages.table[b, : n // P].tolist()):
+                    later.add(b)
+            start, stop = int(starts[b]), int(starts[b]) + len(chunks[b])
+            self.pages.prepare_write(b, start, stop)
+            self.pages.wrote(b, start, chunks[b])
+            filling.update(self.pages.table[b, start // P: -(-stop // P)].tolist())
+        return self._sync_pages(state), later
+
+    def _pages_for_decode(self, state, position, next_token):
+        self.pages.read_page = lambda page: self._read_page(state, page)
+        for b in np.flatnonzero(np.asarray(state.active)):
+            self.pages.prepare_write(b, int(position[b]), min(int(position[b]) + self.chunk, self.max_len))
+        return self._sync_pages(state)
+
+    def _sync_pages(self, state):
+        """Copy-on-write copies and host pages onto the device, then the page table."""
+        copies, restores = self.pages.pop_work()
+        for group in _groups(copies, self.max_len // self.page_size):
+            src, dst = self._padded([s for s, _ in group]), self._padded([d for _, d in group])
+            state = self._copy_pages(state, src, dst)
+        for group in _groups(restores, self.max_len // self.page_size):
+            ids = self._padded([page for page, _ in group])
+            k, v = (self._padded_pages([kv[i] for _, kv in group]) for i in (0, 1))
+            state = self._write_pages(state, ids, k, v)
+        if self.pages.changed:
+            table = jnp.asarray(self.pages.table)
+            if self.layout is not None:
+                table = jax.device_put(table, self.layout.replicated)
+            state = state.replace(cache=state.cache._replace(page_table=table))
+            self.pages.changed = False
+        return state
+
+    def _padded(self, pages):
+        """Page ids padded to a fixed count with "no page" (writes there are dropped)."""
+        out = np.full(self.max_len // self.page_size, self.n_pages, np.int32)
+        out[: len(pages)] = pages
+        return out
+
+    def _padded_pages(self, arrays):
+        stacked = np.stack(arrays, axis=1)  # [layers, n, page_size, kv_heads, head_dim]
+        pad = self.max_len // self.page_size - stacked.shape[1]
+        return np.pad(stacked, [(0, 0), (0, pad)] + [(0, 0)] * 3)
+
+    def _read_page(self, state, page: int):
+        k, v = self._read_pages(state.cache, self._padded([page]))
+        return np.asarray(k[:, 0]), np.asarray(v[:, 0])
+
+    @staticmethod
+    def _read_pages_impl(cache, ids):
+        return cache.k.at[:, ids].get(mode="fill", fill_value=0), cache.v.at[:, ids].get(mode="fill", fill_value=0)
+
+    @staticmethod
+    def _write_pages_impl(state, ids, k, v):
+        cache = state.cache
+        return state.replace(cache=cache._replace(
+            k=cache.k.at[:, ids].set(k.astype(cache.k.dtype), mode="drop"),
+            v=cache.v.at[:, ids].set(v.astype(cache.v.dtype), mode="drop")))
+
+    @staticmethod
+    def _copy_pages_impl(state, src, dst):
+        cache = state.cache
+        return state.replace(cache=cache._replace(
+            k=cache.k.at[:, dst].set(cache.k.at[:, src].get(mode="fill", fill_value=0), mode="drop"),
+            v=cache.v.at[:, dst].set(cache.v.at[:, src].get(mode="fill", fill_value=0), mode="drop")))
 
     def extent(self, state) -> int:
         """The cache slots this decode call attends over: every slot an active lane can reach in
@@ -215,3 +374,7 @@ class Decoder:
         init = (0, state, jnp.zeros((B, K), jnp.int32), jnp.zeros((B,), jnp.int32))
         _, state, out, counts = jax.lax.while_loop(keep_going, step, init)
         return state, out, counts
+
+
+def _groups(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]

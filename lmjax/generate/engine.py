@@ -12,6 +12,12 @@ looks at the lanes only between chunks. There it
     token, then the format's reply tokens: `<|database|>` reply `<|assistant|>`, one prefill)
     and lets the lane decode on.
 
+With a paged cache (Decoder(page_size=...)) the engine also admits a request only when the
+pages it may need (prompt, max_new_tokens and one decode chunk, less the pages of a prefix
+that running lanes already hold) are free, finished lanes give their pages back at once, and a
+lane waiting on a tool call is paged out to host memory when a queued request or another
+lane's tool reply needs its pages, and paged back in when its reply is ready and pages are free.
+
 A malformed query, an unknown person, a tool exception or a time-out becomes the reply
 `error: ...`, which the model reads like any other reply: the engine never raises for them.
 A call past its time-out is abandoned, not stopped (Python cannot stop a thread): its thread
@@ -109,6 +115,15 @@ class _Lane:
     n_injected: int = 0  # tool-reply tokens written by the engine, not sampled
     tool_calls: list = dataclasses.field(default_factory=list)
     pending_call: tuple | None = None  # (future, deadline, query, started)
+    reserve: int = 0  # paged cache: pages this lane may come to hold
+    saved: Any = None  # paged cache: what Decoder.page_in needs while the lane is paged out
+    reply: list | None = None  # a tool reply waiting for pages before it is written
+    shared: int = 0  # paged cache: pages of its prefix other lanes held when it was admitted
+
+    @property
+    def waiting(self) -> bool:
+        """On a tool call, or on pages to write its reply."""
+        return self.pending_call is not None or self.reply is not None
 
 
 def validate_requests(requests: Sequence[Request], vocab_size: int, max_len: int):
@@ -164,6 +179,7 @@ class LaneEngine:
                 lane.request.id, lane.tokens[: lane.n_prompt], after, self.tokenizer.decode(after), reason, lane.tool_calls
             )
             lanes[b] = None
+            d.release_lane(b)
             bar.update(1)
 
         def extend(b, new_tokens):
@@ -197,22 +213,33 @@ class LaneEngine:
                 chunks, starts = [[] for _ in range(d.lanes)], np.zeros(d.lanes, np.int32)
                 prompt, reset = np.zeros(d.lanes, bool), np.zeros(d.lanes, bool)
                 self._grace_for_new_calls(lanes)
+                pages = _PageBudget(d, lanes) if d.page_size else None
                 for b in range(d.lanes):
                     if lanes[b] is None and queue:
+                        admitted = pages.admit(queue[0][1], state, self.stats) if pages is not None else (0, 0)
+                        if admitted is None:
+                            continue
                         index, r = queue.popleft()
                         lanes[b] = _Lane(index, r, [int(t) for t in r.prompt], len(r.prompt))
+                        lanes[b].reserve, lanes[b].shared = admitted
                         chunks[b], prompt[b], reset[b] = list(lanes[b].tokens), True, True
                         keys[b], max_new[b] = request_key(r.seed), r.max_new_tokens
                         for name in sampling:
                             sampling[name][b] = getattr(r, name)
-                    elif lanes[b] is not None and lanes[b].pending_call is not None:
-                        injection = self._tool_reply_if_ready(lanes[b])
+                    elif lanes[b] is not None and lanes[b].waiting:
+                        injection = lanes[b].reply or self._tool_reply_if_ready(lanes[b])
                         if injection is None:
                             continue
                         start = len(lanes[b].tokens) - 1  # the call token is sampled, not yet cached
                         if start + len(injection) + 1 > d.max_len:
                             finish(b, "cache_full")
                             continue
+                        if pages is not None:
+                            lanes[b].reply = injection
+                            state, ready = pages.resume(b, len(injection) + 1, state, self.stats)
+                            if not ready:
+                                continue
+                            lanes[b].reply, lanes[b].pending_call = None, None
                         chunks[b], starts[b] = [self.format.call_id] + injection, start
                         extend(b, injection)
                         lanes[b].n_injected += len(injection)
@@ -225,16 +252,19 @@ class LaneEngine:
                     for b in written:
                         extend(b, [int(first[b])])
                         settle(b, active[b])
-                if any(lane is not None and lane.pending_call is None for lane in lanes):
+                if any(lane is not None and not lane.waiting for lane in lanes):
                     state, out, counts = d.decode(self.params, state, asks)
                     self.stats["decode_chunks"] += 1
                     active = np.asarray(state.active)
                     for b, lane in enumerate(lanes):
-                        if lane is not None and lane.pending_call is None:
+                        if lane is not None and not lane.waiting:
                             extend(b, out[b, : counts[b]].tolist())
                             settle(b, active[b])
                 elif any(lane is not None for lane in lanes) and not (queue and None in lanes):
-                    self._wait_for_a_tool(lanes)
+                    if not self._wait_for_a_tool(lanes):
+                        # every lane waits for pages only lanes that wait themselves could free
+                        b = next(b for b, lane in enumerate(lanes) if lane is not None and lane.reply)
+                        finish(b, "cache_full")
         finally:
             bar.close()
         self.stats["seconds"] += time.perf_counter() - started
@@ -263,8 +293,70 @@ class LaneEngine:
             concurrent.futures.wait(fresh, timeout=self.tool_grace_s)
 
     @staticmethod
-    def _wait_for_a_tool(lanes):
-        """Every busy lane waits on a tool: sleep until one answers or the first deadline."""
+    def _wait_for_a_tool(lanes) -> bool:
+        """Every busy lane waits: sleep until a tool answers or the first deadline. False when no
+        lane waits on a tool (they all wait for pages)."""
         pending = [lane.pending_call for lane in lanes if lane is not None and lane.pending_call is not None]
+        if not pending:
+            return False
         timeout = max(0.0, min(deadline for _, deadline, _, _ in pending) - time.monotonic())
         concurrent.futures.wait([f for f, _, _, _ in pending], timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+        return True
+
+
+class _PageBudget:
+    """Pages of a paged decoder that the engine can still promise (module doc): the free and
+    evictable pages less what running lanes may still take (`reserve` less what they hold)."""
+
+    def __init__(self, decoder, lanes):
+        self.d, self.lanes, self.pool = decoder, lanes, decoder.pages
+        self.round_keys = set()  # prefix pages that lanes admitted in this round will fill
+
+    def pages(self, n_slots: int) -> int:
+        return -(-min(n_slots, self.d.max_len) // self.d.page_size)
+
+    def spare(self) -> int:
+        owed = sum(max(0, lane.reserve - max(self.pool.held(b), lane.shared))
+                   for b, lane in enumerate(self.lanes) if lane is not None and lane.saved is None)
+        return self.pool.available() - owed
+
+    def admit(self, request, state, stats):
+        """(reserve, shared pages) for a lane that takes `request`, or None when it must wait."""
+        prompt = [int(t) for t in request.prompt]
+        P = self.d.page_size
+        shared = 0
+        for key in self.pool.prefix_keys(prompt, (len(prompt) - 1) // P):
+            if key not in self.round_keys and not self.pool.held_by_a_lane(key):
+                break
+            shared += 1
+        need = self.pages(len(prompt) + request.max_new_tokens + self.d.chunk)
+        if not self._room_for(need - shared, state, stats):
+            return None
+        self.round_keys.update(self.pool.prefix_keys(prompt, len(prompt) // P))
+        return need, shared
+
+    def resume(self, b: int, n_tokens: int, state, stats):
+        """(state, ready): lane b, back from a tool, can write `n_tokens` and decode on (paged
+        back in first if it was paged out)."""
+        lane = self.lanes[b]
+        generated = len(lane.tokens) - lane.n_prompt - lane.n_injected
+        need = self.pages(len(lane.tokens) - 1 + n_tokens + lane.request.max_new_tokens - generated + self.d.chunk)
+        extra = need if lane.saved is not None else need - max(lane.reserve, self.pool.held(b))
+        if not self._room_for(extra, state, stats, keep=b):
+            return state, False
+        if lane.saved is not None:
+            state, lane.saved = self.d.page_in(state, b, lane.saved), None
+            stats["page_ins"] += 1
+        lane.reserve = max(lane.reserve, need)
+        return state, True
+
+    def _room_for(self, n: int, state, stats, keep: int = -1) -> bool:
+        """Whether `n` more pages can be promised, paging out lanes that wait on a tool if needed."""
+        for b, lane in enumerate(self.lanes):
+            if self.spare() >= n:
+                return True
+            if (b != keep and lane is not None and lane.pending_call is not None and lane.saved is None
+                    and self.pool.share_prefixes and self.pool.held(b)):
+                lane.saved = self.d.page_out(state, b)
+                stats["page_outs"] += 1
+        return self.spare() >= n

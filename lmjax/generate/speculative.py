@@ -318,6 +318,32 @@ class SpeculativeDecoder:
         return state, out, counts
 
 
+class SpeculativeLanes:
+    """A SpeculativeDecoder behind the interface the lane engine drives (that of `Decoder`), so
+    continuous batching and tool calls work with a draft: `LaneEngine(SpeculativeLanes(spec),
+    (target_params, draft_params), tokenizer, tool=...)`. A tool reply is written into both
+    caches like a prompt chunk; the lane then decodes on with drafts."""
+
+    page_size = 0  # contiguous caches only
+
+    def __init__(self, speculative: SpeculativeDecoder):
+        self.speculative = speculative
+        self.lanes, self.max_len = speculative.lanes, speculative.max_len
+        self.vocab_size, self.stop_ids = speculative.vocab_size, speculative.stop_ids
+
+    def init_state(self) -> SpecState:
+        return self.speculative.init_state()
+
+    def prefill(self, params, state, chunks, starts, requests, *, prompt=None, reset=None):
+        return self.speculative.prefill(*params, state, chunks, starts, requests, prompt=prompt, reset=reset)
+
+    def decode(self, params, state, requests):
+        return self.speculative.decode(*params, state, requests)
+
+    def release_lane(self, b: int) -> None:
+        pass
+
+
 @dataclasses.dataclass
 class SpeculativeStats:
     drafted: int  # drafts proposed to the target

