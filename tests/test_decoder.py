@@ -129,7 +129,7 @@ def test_each_shape_compiles_once_over_many_prompts():
         decode_all(decoder, params, prompts, n_new=int(rng.integers(1, 9)))
     assert set(decoder.compilations.values()) == {1}
     assert {key for key, _ in decoder.compilations} == {"prefill", "decode"}
-    assert {size for kind, size in decoder.compilations if kind == "prefill"} <= set(decoder.buckets)
+    assert {key for kind, key in decoder.compilations if kind == "prefill"} <= {(decoder.lanes, size) for size in decoder.buckets}
 
 
 @pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
@@ -166,13 +166,19 @@ def test_decoding_a_trained_model_equals_the_full_forward(tmp_path):
 
 
 @pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
-def test_warm_up_compiles_every_shape_so_generation_never_compiles_again():
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_warm_up_compiles_every_shape_so_generation_never_compiles_again(page_size):
+    """Paged, a prefill call may also take one row (lanes with a chunk padded to a power of 4)."""
     model, params = random_model()
-    decoder = Decoder(model, lanes=2, max_len=48, chunk=4)
+    decoder = Decoder(model, lanes=2, max_len=48, chunk=4, page_size=page_size)
     decoder.warm_up(params)
     before = dict(decoder.compilations)
-    assert {size for kind, size in before if kind == "prefill"} == set(decoder.buckets) == {16, 32, 48}
-    decode_all(decoder, params, [[1] * 40, [2, 3]], n_new=5)
+    rows = [1, 2] if page_size else [2]
+    assert decoder.buckets == [16, 32, 48] and decoder.row_counts == rows
+    assert {key for kind, key in before if kind == "prefill"} == {(r, size) for r in rows for size in decoder.buckets}
+    decode_all(decoder, params, [[1] * 40, [1] * 36 + [2, 3]], n_new=5)  # paged: lane 1 shares 2 pages, one row
+    state = decoder.init_state()  # one new dialog in one lane: one row when paged
+    decoder.prefill(params, state, [[4, 5], []], np.zeros(2, np.int32), LaneRequests.empty(2), reset=[True, False])
     assert dict(decoder.compilations) == before
 
 

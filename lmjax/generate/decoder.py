@@ -94,7 +94,11 @@ class Decoder:
         filled = attend_filled and getattr(model, "ATTEND_SLOTS", False)
         self.extents = sorted({min(max_len, max(MIN_EXTENT, b)) for b in self.buckets}) if filled else [max_len]
         self.cache_dtype = cache_dtype
-        self.compilations = collections.Counter()  # ("prefill", bucket) / ("decode", chunk) -> traces
+        self.compilations = collections.Counter()  # ("prefill", (rows, bucket)) / ("decode", (chunk, extent)) -> traces
+        # Rows of a prefill call: every lane, or (paged cache, one device) the lanes with a chunk
+        # padded to a power of 4: a new dialog in one lane is prefilled in one row.
+        subsets = page_size and layout is None
+        self.row_counts = sorted({4**i for i in range(16) if 4**i < lanes} | {lanes}) if subsets else [lanes]
         self.layout = layout
         if layout is None:
             self._init = jax.jit(self._init_impl)
@@ -156,9 +160,11 @@ class Decoder:
     def warm_up(self, params):
         """Compile prefill for every bucket and decode, so that no later call compiles."""
         state, requests = self.init_state(), LaneRequests.empty(self.lanes)
-        for size in self.buckets:
-            chunks = [[0] * size] + [[] for _ in range(self.lanes - 1)]
-            state, _ = self.prefill(params, state, chunks, np.zeros(self.lanes, np.int32), requests)
+        for rows in self.row_counts:  # chunks of no tokens: the programs, without writing a slot
+            idle = np.zeros(rows, np.int32)
+            for size in self.buckets:
+                state = self._prefill(params, state, np.arange(rows, dtype=np.int32), np.zeros((rows, size), np.int32),
+                                      idle, idle, idle.astype(bool), idle.astype(bool), requests)
         for extent in self.extents:
             state = self._decode(params, state, requests, extent)[0]
         if self.page_size:
@@ -193,11 +199,18 @@ class Decoder:
         return state, np.asarray(state.next_token)
 
     def _prefill_call(self, params, state, chunks, starts, prompt, reset, requests):
-        lengths = np.asarray([len(c) for c in chunks], np.int32)
-        tokens = np.zeros((self.lanes, self.bucket(max(int(lengths.max()), 1))), np.int32)
-        for b, chunk in enumerate(chunks):
-            tokens[b, : len(chunk)] = chunk
-        return self._prefill(params, state, tokens, starts, lengths, prompt, reset, requests)
+        """One jitted prefill over the lanes with a chunk, padded with idle lanes to one of
+        `row_counts` rows (a paged cache gives any subset of lanes its own page table: a refill
+        of one lane costs one row, not `lanes`)."""
+        busy = [b for b, chunk in enumerate(chunks) if chunk]
+        R = next(r for r in self.row_counts if r >= len(busy))
+        rows = np.arange(self.lanes) if R == self.lanes else np.asarray(
+            busy + [b for b in range(self.lanes) if not chunks[b]][: R - len(busy)], np.int32)
+        lengths = np.asarray([len(chunks[b]) for b in rows], np.int32)
+        tokens = np.zeros((R, self.bucket(max(int(lengths.max()), 1))), np.int32)
+        for i, b in enumerate(rows):
+            tokens[i, : len(chunks[b])] = chunks[b]
+        return self._prefill(params, state, rows, tokens, starts[rows], lengths, prompt[rows], reset[rows], requests)
 
     def decode(self, params, state, requests):
         """Up to `chunk` decode steps for every active lane, stopping early once none is active.
@@ -337,17 +350,29 @@ class Decoder:
             active=jnp.where(written_B, ~stop, state.active),
         )
 
-    def _prefill_impl(self, params, state, tokens_BxT, start_B, length_B, prompt_B, reset_B, requests):
-        T = tokens_BxT.shape[1]
-        self.compilations[("prefill", T)] += 1
+    def _prefill_impl(self, params, state, rows_R, tokens_RxT, start_R, length_R, prompt_R, reset_R, requests):
+        """Prefill rows `rows_R` of the lanes (all of them, in order, when R == lanes)."""
+        R, T = tokens_RxT.shape
+        self.compilations[("prefill", (R, T))] += 1
+        subset = R < self.lanes  # only for a paged cache: its rows are just the page table's
+        cache = state.cache._replace(page_table=state.cache.page_table[rows_R]) if subset else state.cache
         offsets = jnp.arange(T)[None, :]
-        valid_BxT = offsets < length_B[:, None]
-        logits_BxV, cache = self.model.apply(
-            {"params": params}, tokens_BxT, start_B[:, None] + offsets, valid_BxT.astype(jnp.int32),
-            prompt_B[:, None] & valid_BxT, cache=state.cache, logits_at_B=jnp.maximum(length_B - 1, 0),
+        valid_RxT = offsets < length_R[:, None]
+        logits_RxV, cache = self.model.apply(
+            {"params": params}, tokens_RxT, start_R[:, None] + offsets, valid_RxT.astype(jnp.int32),
+            prompt_R[:, None] & valid_RxT, cache=cache, logits_at_B=jnp.maximum(length_R - 1, 0),
         )
-        state = state.replace(cache=cache)
-        return self._sample_and_advance(logits_BxV, state, requests, length_B > 0, start_B + length_B, reset_B)
+        if not subset:
+            state = state.replace(cache=cache)
+            return self._sample_and_advance(logits_RxV, state, requests, length_R > 0, start_R + length_R, reset_R)
+        lanes = ("next_token", "position", "generated", "active")
+        rows = state.replace(cache=cache, **{name: getattr(state, name)[rows_R] for name in lanes})
+        rows = self._sample_and_advance(logits_RxV, rows, jax.tree_util.tree_map(lambda x: x[rows_R], requests),
+                                        length_R > 0, start_R + length_R, reset_R)
+        return state.replace(
+            cache=rows.cache._replace(page_table=state.cache.page_table),
+            **{name: getattr(state, name).at[rows_R].set(getattr(rows, name)) for name in lanes},
+        )
 
     def _decode_impl(self, params, state, requests, extent):
         B, K = self.lanes, self.chunk
