@@ -11,10 +11,11 @@ The memory budget is the contiguous cache of `--budget_lanes` lanes of `--max_le
 contiguous engine can hold that many dialogs at once; the paged engine gets the same number of
 slots as pages and as many lanes as there are dialogs, and holds as many dialogs at once as
 its pages allow (the system prompt's pages are shared). One line per case: dialogs held at
-once (the most lanes decoding together), decode tokens/s over the whole run (prefill
-included), the ratio to the contiguous cache, whether the tokens equal the contiguous run's,
-and the run's memory-bandwidth floor: each decode step reads all weights plus every running
-dialog's filled cache, over this machine's measured read bandwidth.
+once (the most lanes decoding together), tokens/s over the whole run (prefill included), the
+ratio to the contiguous cache, seconds in prefill and in decode calls, the decode calls'
+fraction of their memory-bandwidth floor (each decode step reads all weights plus every running
+dialog's filled cache, over this machine's measured read bandwidth), and whether the tokens
+equal the contiguous run's.
 """
 import argparse
 import sys
@@ -48,24 +49,32 @@ def dialogs(tokenizer, n, system_len, user_len):
 def run(engine, prompts, new_tokens):
     """(completions, seconds, most lanes decoding at once, decode steps, cache slots read)."""
     decoder = engine.decoder
-    seen = {"most": 0, "steps": 0, "slots": 0}
-    decode = decoder.decode
+    seen = {"most": 0, "steps": 0, "slots": 0, "decode_s": 0.0, "prefill_s": 0.0}
+    decode, prefill = decoder.decode, decoder.prefill
 
     def counting_decode(params, state, requests):
         active = np.asarray(state.active)
         seen["most"] = max(seen["most"], int(active.sum()))
+        start = time.perf_counter()
         state, out, counts = decode(params, state, requests)
+        seen["decode_s"] += time.perf_counter() - start
         seen["steps"] += int(counts.max())
         # each step of a lane reads its filled slots (position grows by one per step)
         seen["slots"] += int(sum(c * p + c * (c - 1) // 2 for c, p in zip(counts, np.asarray(state.position) - counts)))
         return state, out, counts
 
-    decoder.decode = counting_decode
+    def timed_prefill(*args, **kwargs):
+        start = time.perf_counter()
+        out = prefill(*args, **kwargs)
+        seen["prefill_s"] += time.perf_counter() - start
+        return out
+
+    decoder.decode, decoder.prefill = counting_decode, timed_prefill
     requests = [Request(p, max_new_tokens=new_tokens, id=i) for i, p in enumerate(prompts)]
     start = time.perf_counter()
     completions = engine.generate(requests)
     seconds = time.perf_counter() - start
-    decoder.decode = decode
+    decoder.decode, decoder.prefill = decode, prefill
     return completions, seconds, seen
 
 
@@ -112,7 +121,7 @@ def main():
             completions, seconds, seen = run(engine, prompts, args.new_tokens)
             tokens = [c.tokens for c in completions]
             generated = sum(len(t) for t in tokens)
-            floor = (seen["steps"] * weight_bytes + seen["slots"] * per_slot) / bandwidth
+            floor = (seen["steps"] * weight_bytes + seen["slots"] * per_slot) / bandwidth  # of the decode calls
             if reference is None:
                 reference, base = tokens, generated / seconds
             same = sum(a == b for a, b in zip(tokens, reference))
@@ -121,7 +130,8 @@ def main():
                 counts = decoder.pages.counts
                 extra = f" | pages shared {counts['shared']}, spilled {counts['spilled']}"
             print(f"dialogs={n:3d} {name:10s}: {seen['most']:3d} at once | {generated / seconds:7.1f} tok/s "
-                  f"(x{generated / seconds / base:4.2f}) | {seconds:6.1f} s | at {floor / seconds:4.0%} of the floor | "
+                  f"(x{generated / seconds / base:4.2f}) | {seconds:6.1f} s: prefill {seen['prefill_s']:5.1f} s, "
+                  f"decode {seen['decode_s']:5.1f} s at {floor / seen['decode_s']:4.0%} of its floor | "
                   f"{same}/{n} dialogs equal to contiguous{extra}", flush=True)
 
 
