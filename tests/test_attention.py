@@ -274,11 +274,11 @@ def test_a_paged_cache_reads_and_writes_what_a_contiguous_one_does_through_its_p
     table[2, 2] = n_pages  # lane 2 has no third page
     contiguous = np.asarray(rng.normal(size=(2, layers, B, S, K, D)), np.float32)
     contiguous[:, :, 2, 2 * P:] = 0  # what a missing page reads as
-    pages = np.zeros((2, layers, n_pages, P, K, D), np.float32)
+    pages = np.zeros((2, layers, K, n_pages, P, D), np.float32)  # the kernels' layout: kv heads first
     for b in range(B):
         for i, page in enumerate(table[b]):
             if page < n_pages:
-                pages[:, :, page] = contiguous[:, :, b, i * P:(i + 1) * P]
+                pages[:, :, :, page] = contiguous[:, :, b, i * P:(i + 1) * P].transpose(0, 1, 3, 2, 4)
     paged = PagedKVCache(jnp.asarray(pages[0]), jnp.asarray(pages[1]), jnp.asarray(table, jnp.int32))
     flat = KVCache(jnp.asarray(contiguous[0]), jnp.asarray(contiguous[1]))
     k, v = (rng.normal(size=(B, 3, K, D)).astype(np.float32) for _ in range(2))

@@ -198,6 +198,7 @@ def test_sampling_stays_inside_a_smaller_tokenizer_vocabulary():
     assert got[0] == int(jnp.argmax(logits[:10]))
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_decode_attends_over_the_filled_extent_of_a_long_cache_with_the_same_tokens():
     """A cache of 300 slots: decode attends over the first 128, then 256, then all 300 as lanes
     advance (one compile each), and gives the tokens of a cache-free forward."""

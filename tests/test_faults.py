@@ -153,7 +153,7 @@ def files_of_at_most(kib):
 
 
 # The async save (the recipes' default) in the default run; the synchronous one (15 s) in the slow run.
-@pytest.mark.parametrize("async_save", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.parametrize("async_save", [pytest.param(False, marks=pytest.mark.slow), pytest.param(True, marks=pytest.mark.slow)])
 def test_a_checkpoint_the_disk_cannot_hold_is_one_line(tmp_path, subprocess_env, async_save):
     """The tiny run's state is ~175 kB on disk, its other files under 64 kB: the first save fails
     inside tensorstore, which reports it as a ValueError from orbax's threads (logged there with

@@ -134,6 +134,7 @@ def test_without_the_extra_the_import_is_a_one_line_error(monkeypatch):
 # -- the harness's hf backend on the same weights -----------------------------------------------------
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_tiny_llama_folder_matches_the_hf_backend(tmp_path):
     """A random 2-layer Llama with SmolLM2's tokenizer (seconds), a 16-token window: every text
     spans windows, contexts are cut, generation keeps 4 context tokens."""

@@ -95,7 +95,7 @@ def test_packed_row_equals_separate_sequences():
 
 
 # Scanned layers (12 s) in the slow run; the decoder runs scanned Mamba in test_recurrent_generation.py.
-@pytest.mark.parametrize("scan_layers", [pytest.param(True, marks=pytest.mark.slow), False])
+@pytest.mark.parametrize("scan_layers", [pytest.param(True, marks=pytest.mark.slow), pytest.param(False, marks=pytest.mark.slow)])
 def test_step_by_step_equals_the_parallel_forward(scan_layers):
     model = Mamba(tiny(scan="sequential", scan_layers=scan_layers))
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 11), 0, 40)

@@ -161,7 +161,7 @@ def test_bad_paging_settings_are_clear_errors():
 # --- the engine: admission, page-out while a tool runs ----------------------------------------
 
 
-@pytest.mark.parametrize("n_pages", [36, 10])
+@pytest.mark.parametrize("n_pages", [pytest.param(36, marks=pytest.mark.slow), 10])  # no page-out: slow run
 def test_engine_lanes_waiting_on_tools_are_paged_out_and_back_with_the_same_tokens(model_and_params, n_pages):
     """A shared system prompt, tool calls of different lengths; with 10 pages of 8 slots (less
     than one lane's whole cache per lane) waiting lanes must be paged out for the others."""
@@ -200,3 +200,48 @@ def test_a_paged_engine_serves_more_lanes_than_the_same_memory_holds_contiguousl
     assert [c.tokens for c in completions] == [c.tokens for c in contiguous.generate(
         [Request(p, max_new_tokens=8, id=i) for i, p in enumerate(prompts)])]
 
+
+
+# --- the Pallas paged-attention kernel (interpret mode on CPU) -------------------------------
+
+
+def test_the_paged_decode_kernel_equals_attention_over_the_gathered_slots():
+    """jax's GPU paged-attention kernel, run in interpret mode, through lmjax's wrapper: one
+    query per lane over its first `length` slots, read through a shuffled page table."""
+    import jax.numpy as jnp
+
+    from lmjax.kernels.paged_attention import paged_decode_attention
+    from lmjax.models.attention import xla_attention
+
+    B, H, K, D, P, per_lane = 3, 4, 2, 16, 4, 6
+    n_pages = B * per_lane + 2
+    rng = np.random.default_rng(2)
+    table = rng.permutation(n_pages)[: B * per_lane].reshape(B, per_lane).astype(np.int32)
+    table[1, 4:] = n_pages  # lane 1 holds 4 pages only ("no page" after them)
+    lengths = np.asarray([23, 13, 1], np.int32)
+    k_pages, v_pages = (rng.normal(size=(K, n_pages, P, D)).astype(np.float32) for _ in range(2))
+    q = rng.normal(size=(B, H, D)).astype(np.float32)
+    got = paged_decode_attention(jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(table),
+                                 jnp.asarray(lengths), backend="interpret")
+    safe = np.where(table < n_pages, table, 0)
+    k_slots = k_pages[:, safe].transpose(1, 2, 3, 0, 4).reshape(B, per_lane * P, K, D)
+    v_slots = v_pages[:, safe].transpose(1, 2, 3, 0, 4).reshape(B, per_lane * P, K, D)
+    mask = np.arange(per_lane * P)[None, None, :] < lengths[:, None, None]
+    want = xla_attention(jnp.asarray(q[:, None]), jnp.asarray(k_slots), jnp.asarray(v_slots), jnp.asarray(mask))[:, 0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
+def test_pallas_attention_decodes_from_the_pages_with_the_xla_paths_tokens():
+    """A model configured with attention=pallas decodes through the paged kernel (prefill
+    chunks run xla): the greedy tokens of the XLA gather path, shared prefixes included."""
+    import dataclasses
+
+    from test_decoder import CFG
+
+    model, params = random_model()
+    pallas_model, _ = random_model(dataclasses.replace(CFG, attention="pallas"))
+    rng = np.random.default_rng(3)
+    system = rng.integers(1, 64, 20).tolist()
+    prompts = [system + [5, 6], system + [7], rng.integers(1, 64, 9).tolist()]
+    xla = greedy(Decoder(model, 3, 64, chunk=4, page_size=8), params, prompts, n_new=10)
+    assert greedy(Decoder(pallas_model, 3, 64, chunk=4, page_size=8), params, prompts, n_new=10) == xla

@@ -98,7 +98,7 @@ def test_tied_embedding_quantized_per_vocabulary_row():
                                apply(model, {"params": dequantize_params(qparams)}, tokens), atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["int8", pytest.param("int4-g16", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("spec", [pytest.param("int8", marks=pytest.mark.slow), pytest.param("int4-g16", marks=pytest.mark.slow)])  # 30 s each
 def test_jitted_decoder_with_quantized_params_gives_the_tokens_of_the_dequantized_float_params(spec):
     from lmjax.generate.decoder import Decoder, LaneRequests
 

@@ -40,6 +40,7 @@ def test_qa_recall_counts_whole_answers_ending_with_a_period(tmp_path_factory):
     assert all(d["tool_calls"] == 1 and d["people_id"] == first["people_id"] for d in details)
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_without_the_tool_the_query_is_the_final_assistant_turn_and_scores_nothing(tmp_path_factory):
     model, params, _, records = trained_tool_model(tmp_path_factory.getbasetemp())
     generator = Generator(model, params, TOK, lanes=4, max_len=192, chunk=16)  # no tool attached

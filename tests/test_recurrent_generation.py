@@ -28,9 +28,9 @@ FAMILIES = {
 PAD_TO = 96
 
 
-# In the default run: chunked Mamba and minLSTM (no conv window: a state of another shape).
-# The sequential, unscanned Mamba, Hawk and minGRU (Hawk's state, another cell) are in the slow run (~20-27 s each).
-SLOW_FAMILIES = ("mamba-sequential", "mingru", "hawk")
+# In the default run: minLSTM (no conv window: a state of another shape).
+# Mamba (chunked and sequential), Hawk and minGRU (Hawk's state, another cell) are in the slow run (~20-27 s each).
+SLOW_FAMILIES = ("mamba-sequential", "mingru", "hawk", "mamba")
 
 
 @pytest.fixture(scope="module", params=[

@@ -63,6 +63,7 @@ def greedy_requests():
     return LaneRequests.empty(len(PROMPTS)).replace(max_new=np.full(len(PROMPTS), N_NEW, np.int32))
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_greedy_equals_target_alone_with_a_different_draft():
     """A smaller random draft: nearly every draft is rejected, every step still emits the
     target's token; lanes of different prompt lengths stay in step, one reaches the cache's
@@ -199,6 +200,7 @@ def test_sampled_sequences_follow_the_target_distribution_exactly():
 # --- speculative decoding in the lane engine, with tool calls ----------------------------------
 
 
+@pytest.mark.slow  # 20-50 s on two cores: in the slow run, which CI runs too
 def test_speculative_lanes_with_tool_calls_give_the_target_alones_dialogs(model_and_params):
     """A weaker random draft proposes, the engine's target (made to call tools often) verifies:
     greedy dialogs with tool replies injected mid-generation equal the naive target-only ones."""

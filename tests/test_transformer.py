@@ -341,7 +341,7 @@ def test_prompt_is_ignored_unless_the_model_is_prefix_lm():
     )
 
 
-@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])  # scanned: 27 s, in the slow run
+@pytest.mark.parametrize("scan_layers", [pytest.param(False, marks=pytest.mark.slow), pytest.param(True, marks=pytest.mark.slow)])  # 24-27 s each: slow run
 def test_block_skipping_gives_the_full_models_logits_and_grads(scan_layers):
     """attention_block=8 with the longest-sequence promise against the plain model, on rows of
     40 packed with sequences of at most 11 tokens (prompts attending both ways)."""

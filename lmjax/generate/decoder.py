@@ -300,31 +300,31 @@ class Decoder:
         return out
 
     def _padded_pages(self, arrays):
-        stacked = np.stack(arrays, axis=1)  # [layers, n, page_size, kv_heads, head_dim]
-        pad = self.max_len // self.page_size - stacked.shape[1]
-        return np.pad(stacked, [(0, 0), (0, pad)] + [(0, 0)] * 3)
+        stacked = np.stack(arrays, axis=2)  # [layers, kv_heads, n, page_size, head_dim]
+        pad = self.max_len // self.page_size - stacked.shape[2]
+        return np.pad(stacked, [(0, 0), (0, 0), (0, pad), (0, 0), (0, 0)])
 
     def _read_page(self, state, page: int):
         k, v = self._read_pages(state.cache, self._padded([page]))
-        return np.asarray(k[:, 0]), np.asarray(v[:, 0])
+        return np.asarray(k[:, :, 0]), np.asarray(v[:, :, 0])
 
     @staticmethod
     def _read_pages_impl(cache, ids):
-        return cache.k.at[:, ids].get(mode="fill", fill_value=0), cache.v.at[:, ids].get(mode="fill", fill_value=0)
+        return cache.k.at[:, :, ids].get(mode="fill", fill_value=0), cache.v.at[:, :, ids].get(mode="fill", fill_value=0)
 
     @staticmethod
     def _write_pages_impl(state, ids, k, v):
         cache = state.cache
         return state.replace(cache=cache._replace(
-            k=cache.k.at[:, ids].set(k.astype(cache.k.dtype), mode="drop"),
-            v=cache.v.at[:, ids].set(v.astype(cache.v.dtype), mode="drop")))
+            k=cache.k.at[:, :, ids].set(k.astype(cache.k.dtype), mode="drop"),
+            v=cache.v.at[:, :, ids].set(v.astype(cache.v.dtype), mode="drop")))
 
     @staticmethod
     def _copy_pages_impl(state, src, dst):
         cache = state.cache
         return state.replace(cache=cache._replace(
-            k=cache.k.at[:, dst].set(cache.k.at[:, src].get(mode="fill", fill_value=0), mode="drop"),
-            v=cache.v.at[:, dst].set(cache.v.at[:, src].get(mode="fill", fill_value=0), mode="drop")))
+            k=cache.k.at[:, :, dst].set(cache.k.at[:, :, src].get(mode="fill", fill_value=0), mode="drop"),
+            v=cache.v.at[:, :, dst].set(cache.v.at[:, :, src].get(mode="fill", fill_value=0), mode="drop")))
 
     def extent(self, state) -> int:
         """The cache slots this decode call attends over: every slot an active lane can reach in

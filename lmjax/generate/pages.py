@@ -50,7 +50,7 @@ class PagePool:
         # write (copy-on-write), write host pages back in.
         self.copies = []  # (source page, destination page)
         self.restores = []  # (page, (k, v) on the host)
-        self.host = {}  # prefix hash -> (k, v) of a spilled page, [layers, page_size, kv_heads, head_dim]
+        self.host = {}  # prefix hash -> (k, v) of a spilled page, [layers, kv_heads, page_size, head_dim]
         # page -> its (k, v) on the host, read from the device at once: the decoder sets it
         self.read_page = None
         self.counts = collections.Counter()  # shared, spilled, restored, copied pages

@@ -23,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lmjax.models.kv_cache import PagedKVCache
 from lmjax.models.layers import Projection, apply_rope, init_for
 from lmjax.models.masks import attention_mask, cache_attention_mask
 
@@ -260,10 +261,20 @@ class Attention(nn.Module):
             cache, layer = layer_cache
             n_slots = mask.kv_positions_BxS.shape[1] if isinstance(mask, AttentionMask) else mask.shape[2]
             k, v, new_cache = cache.update(layer, write_slots_BxL, k, v, n_slots)
-        out_BxLxHxD = attend(q, k, v, mask, self.implementation, block=self.block)
-        out = self.projection(
+            if self.implementation == "pallas" and isinstance(new_cache, PagedKVCache) and q.shape[1] == 1:
+                # a decode step reads the pages in the kernel; the gathered k, v go unused (XLA drops them)
+                from lmjax.kernels.paged_attention import paged_decode_attention
+
+                out = paged_decode_attention(q[:, 0], new_cache.k[layer], new_cache.v[layer], new_cache.page_table,
+                                             mask.q_positions_BxL[:, 0] + 1)
+                return self.output(out[:, None]), new_cache
+        out = self.output(attend(q, k, v, mask, self.implementation, block=self.block))
+        return out if layer_cache is None else (out, new_cache)
+
+    def output(self, out_BxLxHxD):
+        """The output projection `wo` of the heads' outputs [B, L, H, D]."""
+        return self.projection(
             (self.n_heads, self.dim // self.n_heads), (self.dim,), ("heads", "kv", "embed"),
             init_for(self.init_scheme, self.dim, self.n_layers, "out"),
             self.param_dtype, self.dtype, name="wo",
         )(out_BxLxHxD.astype(self.dtype))
-        return out if layer_cache is None else (out, new_cache)

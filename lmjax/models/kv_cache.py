@@ -17,7 +17,7 @@ import jax.numpy as jnp
 # Logical axes of the cache arrays: on a mesh the decoder shards the cache by them. Pages are
 # shared by lanes, so they are not split by `batch`; the page table is read whole by every lane.
 KV_CACHE_AXES = ("layers", "batch", "length", "heads", "kv")
-PAGED_KV_AXES = ("layers", "pages", "length", "heads", "kv")
+PAGED_KV_AXES = ("layers", "heads", "pages", "length", "kv")
 PAGE_TABLE_AXES = (None, None)
 
 
@@ -40,10 +40,11 @@ class KVCache(NamedTuple):
 
 
 class PagedKVCache(NamedTuple):
-    """Keys and values in fixed-size pages, each [layers, pages, page_size, kv_heads, head_dim],
-    and a page table [lanes, max_len // page_size]: slot j of lane b lives at offset
-    j % page_size of page `page_table[b, j // page_size]`. Entries equal to the number of pages
-    mean "no page": writes there are dropped and reads give zeros (masked out anyway).
+    """Keys and values in fixed-size pages, each [layers, kv_heads, pages, page_size, head_dim]
+    (the layout of jax's Pallas paged-attention kernels, lmjax.kernels.paged_attention), and a
+    page table [lanes, max_len // page_size]: slot j of lane b lives at offset j % page_size of
+    page `page_table[b, j // page_size]`. Entries equal to the number of pages mean "no page":
+    writes there are dropped and reads give zeros (masked out anyway).
 
     Lanes may point at the same page (a shared prefix); the host (lmjax.generate.pages) never
     lets a lane write into a page another lane reads."""
@@ -54,28 +55,26 @@ class PagedKVCache(NamedTuple):
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def max_len(self) -> int:
         return self.page_table.shape[1] * self.page_size
 
     def update(self, layer, slots_BxL, k_BxLxKxD, v_BxLxKxD, n_slots: int):
-        P, n_pages = self.page_size, self.k.shape[1]
+        P, n_pages = self.page_size, self.k.shape[2]
         page_BxL = jnp.take_along_axis(self.page_table, slots_BxL // P, axis=1, mode="fill", fill_value=n_pages)
-        flat_BxL = page_BxL * P + slots_BxL % P  # >= n_pages * P where there is no page: dropped
+        offset_BxL = slots_BxL % P
 
-        def write(pages, new):
-            flat = pages.reshape(pages.shape[0], -1, *pages.shape[3:])
-            flat = flat.at[layer, flat_BxL].set(new.astype(pages.dtype), mode="drop")
-            return flat.reshape(pages.shape)
+        def write(pages, new_BxLxKxD):  # indexed [B, L] x kv heads: the new values' own layout
+            return pages.at[layer, :, page_BxL, offset_BxL].set(new_BxLxKxD.astype(pages.dtype), mode="drop")
 
         k, v = write(self.k, k_BxLxKxD), write(self.v, v_BxLxKxD)
         used_pages = -(-n_slots // P)
 
         def read(pages):
-            B = self.page_table.shape[0]
-            got = pages[layer].at[self.page_table[:, :used_pages]].get(mode="fill", fill_value=0)
-            return got.reshape(B, used_pages * P, *pages.shape[3:])[:, :n_slots]
+            got = pages[layer].at[:, self.page_table[:, :used_pages]].get(mode="fill", fill_value=0)  # [K, B, n, P, D]
+            B, K, D = got.shape[1], got.shape[0], got.shape[-1]
+            return got.transpose(1, 2, 3, 0, 4).reshape(B, used_pages * P, K, D)[:, :n_slots]
 
         return read(k), read(v), PagedKVCache(k, v, self.page_table)

@@ -131,6 +131,6 @@ class Transformer(nn.Module):
             return KVCache(leaf, leaf)
         if max_len % page_size:
             raise ValueError(f"max_len={max_len} must be a multiple of page_size={page_size}.")
-        pages = CacheLeaf((c.n_layers, n_pages, page_size, *head), dtype, PAGED_KV_AXES)
+        pages = CacheLeaf((c.n_layers, c.n_kv_heads, n_pages, page_size, c.dim // c.n_heads), dtype, PAGED_KV_AXES)
         table = CacheLeaf((lanes, max_len // page_size), jnp.int32, PAGE_TABLE_AXES)
         return PagedKVCache(pages, pages, table)
