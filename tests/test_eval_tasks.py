@@ -84,6 +84,7 @@ def shakespeare_subject(tmp_path):
     return random_subject(config, tmp_path, seed=2)
 
 
+@pytest.mark.slow  # 17-20 s on two cores: in the slow run, which CI runs too
 def test_shakespeare_bpc_is_rolling_bits_over_the_characters_of_the_validation_split(tmp_path):
     from lmjax.data import shakespeare
 

@@ -39,6 +39,7 @@ def transformers_greedy(model, tokenizer, prompt, new_tokens):
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.slow  # 17-20 s on two cores: in the slow run, which CI runs too
 def test_plain_text_greedy_tokens_equal_transformers_and_stream_prints_the_same_text(tiny_folder):
     out = generate_cli("--model", str(tiny_folder), "--prompt", PROMPT, "--no_chat", "--max_new_tokens", "12", "--json")
     record = json.loads(out.strip().splitlines()[-1])

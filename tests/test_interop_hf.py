@@ -66,7 +66,7 @@ def assert_logits_close(got, want):
 
 # (kv heads, tied): one kv head (multi-query), grouped, and as many as query heads (plain MHA).
 CASES = [(1, True), (2, False), (4, True), (4, False)]
-SLOW_CASES = [(1, True), (4, True)]  # ~20-35 s each on two cores: in the slow run
+SLOW_CASES = [(1, True), (2, False), (4, True)]  # ~20-35 s each on two cores: in the slow run
 
 
 @pytest.mark.parametrize("kv_heads,tied", [

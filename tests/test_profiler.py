@@ -13,6 +13,7 @@ def rows(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 17-20 s on two cores: in the slow run, which CI runs too
 def test_light_profile_flops_and_probes_are_logged(tmp_path):
     config = tiny_facts_config(**{"implementation.profiler": "light", "logging.probes_every": 4})
     train(config, tmp_path)

@@ -170,6 +170,7 @@ def exact_sequence_probs(model, params, prompt, n_new, temperature):
     return np.exp(np.asarray(jnp.sum(picked, axis=1), np.float64))
 
 
+@pytest.mark.slow  # 17-20 s on two cores: in the slow run, which CI runs too
 def test_sampled_sequences_follow_the_target_distribution_exactly():
     """3-token vocabulary, 4 new tokens (the first from prefill, then steps of k=2 drafts
     plus a correction or bonus, cut at 4): 81 outcomes, 8,192 sampled sequences in 2,048
