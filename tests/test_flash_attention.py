@@ -15,6 +15,7 @@ import pytest
 
 from lmjax.kernels.flash_attention import flash_attention
 from lmjax.models.attention import AttentionMask, cudnn_attention, pallas_attention, xla_attention
+from lmjax.models.kv_cache import KVCache
 from lmjax.models.transformer import Transformer, TransformerConfig
 
 
@@ -159,7 +160,7 @@ def test_transformer_pallas_with_cache_runs_xla():
     tokens = jnp.arange(L, dtype=jnp.int32)[None] % V
     positions = jnp.arange(L, dtype=jnp.int32)[None]
     config = dict(vocab_size=V, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_hidden=32)
-    cache = (jnp.zeros((1, B, S, 1, 8)), jnp.zeros((1, B, S, 1, 8)))
+    cache = KVCache(jnp.zeros((1, B, S, 1, 8)), jnp.zeros((1, B, S, 1, 8)))
     params = jax.jit(Transformer(TransformerConfig(**config)).init)(jax.random.PRNGKey(0), tokens)
     outs = [
         jax.jit(Transformer(TransformerConfig(**config, attention=name)).apply)(params, tokens, positions, cache=cache)[0]
