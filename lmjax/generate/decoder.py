@@ -219,7 +219,7 @@ class Decoder:
         """
         if self.page_size:
             before = (np.asarray(state.position), np.asarray(state.next_token))
-            state = self._pages_for_decode(state, *before)
+            state = self._pages_for_decode(state, before[0])
         state, out, counts = self._decode(params, state, requests, self.extent(state))
         out, counts = np.asarray(out), np.asarray(counts)
         if self.page_size:
@@ -238,22 +238,26 @@ class Decoder:
         """Free lane b's pages while it waits (e.g. on a tool call): its full pages stay in the
         prefix cache (spilled to host memory if the pool needs them), its partly filled last page
         is copied to the host. Returns what `page_in` needs."""
-        self.pages.read_page = lambda page: self._read_page(state, page)
+        self._reads_from(state)
         return self.pages.page_out(b)
 
     def page_in(self, state, b: int, saved):
         """Lane b holds its pages again, as before `page_out`; returns the state. Raises
         CacheFull when too few pages are free (nothing changes then)."""
-        self.pages.read_page = lambda page: self._read_page(state, page)
+        self._reads_from(state)
         self.pages.page_in(b, *saved)
         return self._sync_pages(state)
+
+    def _reads_from(self, state):
+        """Pages the pool spills or pages out are read from this state (before the next call)."""
+        self.pages.read_page = lambda page: self._read_page(state, page)
 
     def _pages_for_prefill(self, state, chunks, starts, reset):
         """Pages for every slot the chunks write; a new dialog (reset at slot 0) first takes the
         shared pages of its prefix and drops those tokens from its chunk. Lanes are registered
         one after the other, so a lane may share pages another lane fills in this prefill.
         Returns (state, the lanes that do)."""
-        self.pages.read_page = lambda page: self._read_page(state, page)
+        self._reads_from(state)
         P, filling, later = self.page_size, set(), set()
         for b, chunk in enumerate(chunks):
             if not chunk:
@@ -269,8 +273,8 @@ class Decoder:
             filling.update(self.pages.table[b, start // P: -(-stop // P)].tolist())
         return self._sync_pages(state), later
 
-    def _pages_for_decode(self, state, position, next_token):
-        self.pages.read_page = lambda page: self._read_page(state, page)
+    def _pages_for_decode(self, state, position):
+        self._reads_from(state)
         for b in np.flatnonzero(np.asarray(state.active)):
             self.pages.prepare_write(b, int(position[b]), min(int(position[b]) + self.chunk, self.max_len))
         return self._sync_pages(state)

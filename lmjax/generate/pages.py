@@ -45,6 +45,7 @@ class PagePool:
         self.by_key, self.key_of = {}, {}  # prefix hash <-> page
         self.history = [[] for _ in range(lanes)]  # tokens in each lane's filled slots
         self.registered = np.zeros(lanes, np.int32)  # leading pages of each lane already registered
+        self.chain = [(0, b"")] * lanes  # (n, hash through the lane's first n pages), so decoding hashes new pages only
         self.changed = True  # the table differs from the device's copy
         # Work for the device before the next call, in this order: copy shared pages a lane will
         # write (copy-on-write), write host pages back in.
@@ -93,7 +94,7 @@ class PagePool:
         for page in self.table[b][self.table[b] < self.n_pages]:
             self._drop(int(page))
         self.table[b] = self.n_pages
-        self.history[b], self.registered[b] = [], 0
+        self.history[b], self.registered[b], self.chain[b] = [], 0, (0, b"")
         self.changed = True
 
     def share_prefix(self, b: int, tokens) -> int:
@@ -180,7 +181,8 @@ class PagePool:
         P = self.page_size
         if start < len(self.history[b]):  # rewinding: what follows is no longer final
             del self.history[b][start:]
-            self.registered[b] = min(self.registered[b], start // P)
+            if self.registered[b] > start // P:
+                self.registered[b], self.chain[b] = start // P, (0, b"")
         for i in range(start // P, -(-stop // P)):
             page = int(self.table[b, i])
             if page == self.n_pages:
@@ -205,14 +207,17 @@ class PagePool:
         history.extend(int(t) for t in tokens)
         if not self.share_prefixes:
             return
-        P = self.page_size
-        key = self._key_through(b, int(self.registered[b]))
-        for i in range(int(self.registered[b]), len(history) // P):
+        P, n = self.page_size, int(self.registered[b])
+        cached_n, key = self.chain[b]
+        if cached_n != n:
+            key = self._key_through(b, n)
+        for i in range(n, len(history) // P):
             key = _chain(key, history[i * P:(i + 1) * P])
             page = int(self.table[b, i])
             if key not in self.by_key and page not in self.key_of:
                 self.by_key[key], self.key_of[page] = page, key
             self.registered[b] = i + 1
+        self.chain[b] = (int(self.registered[b]), key)
 
     def _key_through(self, b: int, n: int) -> bytes:
         key = b""
