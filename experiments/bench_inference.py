@@ -6,12 +6,14 @@
 Part 1, decoding (prompts: `--prompt_len`-token windows of the validation part of Shakespeare,
 `--decode_tokens` new tokens, greedy; each time the median of `--repeats` runs after a warm-up):
 transformers' `generate` (torch, CPU) on the same GGUF, then lmjax with f32, int8 and int4 (g64,
-round-to-nearest) weights (lmjax.quant), each without and with speculative decoding (k drafts
+round-to-nearest) weights (lmjax.quant) and the GGUF's own int4 blocks (Q4_1, loaded without a
+float round trip: lmjax.interop.gguf_blocks), each without and with speculative decoding (k drafts
 from the distilled SmolLM2 draft of experiments/smollm_draft.py, 20x fewer parameters). A row:
 tokens/s, x HF, x lmjax f32, the fraction of the memory-bandwidth floor (reading the row's
 weights, as stored in memory, plus the filled KV cache once per new token, at this machine's
 read bandwidth measured in the same run; speculative rows can pass 100%: they read the weights
-once per several tokens), the acceptance rate, and how many lanes' tokens equal lmjax f32's.
+once per several tokens), the acceptance rate, and how many lanes' tokens equal lmjax f32's
+(speculative rows: equal to the same weights decoded without speculation, as they must be).
 
 Part 2, the paged cache (experiments/bench_paged.py): contiguous vs paged in the same memory, at
 each `--dialogs` count of dialogs sharing a `--system_len`-token system prompt, through the lane
@@ -48,6 +50,19 @@ def memory_bytes(params) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(params))
 
 
+def load_weights(kind, model, params):
+    """f32 as imported, a lmjax.quant round-to-nearest spec, or "gguf": the file's own blocks
+    (lmjax.interop.gguf_blocks; SmolLM2's: Q4_1 projections, a Q8_0 embedding) never dequantized."""
+    if kind == "f32":
+        return params
+    if kind == "gguf":
+        from lmjax.interop.bundled import smollm2_gguf
+        from lmjax.interop.gguf_blocks import load_gguf_blocks
+
+        return load_gguf_blocks(smollm2_gguf(), scan_layers=False)[1]
+    return quantize_params(model, params, kind)
+
+
 def speculative_generate_timed(target, params, draft, draft_params, prompts, new_tokens, k, repeats):
     """(tokens [B, new_tokens], median seconds, acceptance rate) of greedy speculative decoding."""
     lanes, prompt_len = prompts.shape
@@ -80,11 +95,15 @@ def decode_rows(model, variants, draft, draft_params, hf, ids, args, bandwidth) 
             if draft is not None:
                 cases.append((f"{name} + speculative k={args.k}", lambda: speculative_generate_timed(
                     model, params, draft, draft_params, prompts, args.decode_tokens, args.k, args.repeats)))
+            plain = None
             for label, case in cases:
                 tokens, seconds, acceptance = case()
                 reference = tokens if reference is None else reference
+                # plain rows against f32; speculative rows against their own weights' plain decoding
+                same = agreement(tokens, reference if plain is None else plain).replace("same tokens", f"{lanes}/{lanes}")
+                plain = tokens if plain is None else plain
                 row = dict(lanes=lanes, name=f"lmjax {label}", tok_s=n / seconds, floor=floor / seconds,
-                           acceptance=acceptance, same=agreement(tokens, reference).replace("same tokens", f"{lanes}/{lanes}"))
+                           acceptance=acceptance, same=same)
                 row["x_hf"], row["x_f32"] = row["tok_s"] * t_hf / n, row["tok_s"] / rows_f32(rows, lanes, row)
                 rows.append(row)
                 print(f"lanes={lanes:3d} {row['name']}: {row['tok_s']:7.1f} tok/s | x{row['x_hf']:.2f} HF | "
@@ -106,7 +125,8 @@ def main():
     parser.add_argument("--decode_tokens", type=int, default=128)
     parser.add_argument("--decode_chunk", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--weights", nargs="+", default=["f32", "int8", "int4-g64"])
+    parser.add_argument("--weights", nargs="+", default=["f32", "int8", "int4-g64", "gguf"],
+                        help="f32, lmjax.quant specs (int8, int4-g64, ...), gguf (the file's own Q4_1/Q8_0 blocks)")
     parser.add_argument("--draft", default="runs/smollm_draft", help="experiments/smollm_draft.py's --out ('' = no speculation)")
     parser.add_argument("--k", type=int, default=4)
     args, rest = parser.parse_known_args()
@@ -123,12 +143,12 @@ def main():
     print(f"{cpu_model()}, {jax.device_count()} jax device(s), jax {jax.__version__}, read bandwidth {bandwidth / 1e9:.1f} GB/s; "
           f"SmolLM2-135M ({n(params) / 1e6:.1f}M parameters)"
           + (f", draft {n(draft_params) / 1e6:.1f}M ({args.draft})" if draft else ""), flush=True)
-    variants = {w: params if w == "f32" else quantize_params(model, params, w) for w in args.weights}
+    variants = {w: load_weights(w, model, params) for w in args.weights}
     ids = shakespeare_ids(tokenizer, "val")
     rows = decode_rows(model, variants, draft, draft_params, hf_from_gguf(smollm2_gguf()), ids, args, bandwidth)
     paged = compare_caches(model, params, tokenizer, cache_args.dialogs, cache_args, bandwidth) if cache_args.dialogs else []
 
-    print(f"\n| lanes | decoding | MB in memory | tok/s | x HF | x lmjax f32 | of its floor | acceptance | tokens = f32 |")
+    print(f"\n| lanes | decoding | MB in memory | tok/s | x HF | x lmjax f32 | of its floor | acceptance | tokens equal |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     sizes = {f"lmjax {w}": memory_bytes(v) / 1e6 for w, v in variants.items()}
     for r in rows:

@@ -35,6 +35,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lanes", type=int, default=8)
     p.add_argument("--max_len", type=int, default=None, help="cache slots per lane (default: train.seq_len; --model: 1024)")
+    p.add_argument("--quantize", default=None,
+                   help="weight-only quantization: int8, int4-g64, ...; with a GGUF --model also 'gguf' (its Q8_0/Q4_0/Q4_1 blocks as stored)")
     p.add_argument("--no_chat", action="store_true", help="continue text prompts as they are, without the chat template")
     p.add_argument("--mesh", default=None, help="DATAxMODEL devices, e.g. 4x2 (lanes over data, kv heads over "
                    "model); default: one device")
@@ -84,7 +86,9 @@ def generate(args) -> int:
     if not prompts:
         raise ValueError("Give --prompt TEXT or --prompts FILE.jsonl.")
     check_tool_timeout(args.tool_timeout_s)  # before the restore: a bad value costs nothing
-    options = dict(lanes=args.lanes, layout=mesh_layout(args.mesh), tool_timeout_s=args.tool_timeout_s)
+    options = dict(lanes=args.lanes, layout=mesh_layout(args.mesh), tool_timeout_s=args.tool_timeout_s, quantize=args.quantize)
+    if args.quantize == "gguf" and not args.model:
+        raise ValueError("--quantize gguf keeps a GGUF file's quantized blocks: it needs --model FILE.gguf.")
     if args.model:
         if args.tools or args.step is not None:
             raise ValueError("--tools and --step need a training run (--workdir), not --model.")

@@ -21,7 +21,8 @@ class Generator:
         goes on. `layout`: generate on a mesh (lanes over `data`, kv heads over `model`);
         `params` must be laid out on it (see `from_workdir`). `quantize`: weight-only
         round-to-nearest quantization first, e.g. "int8" or "int4-g64" (lmjax.quant; GPTQ needs
-        calibration data: quantize with lmjax.quant.quantize.quantize_params and pass the result).
+        calibration data: quantize with lmjax.quant.quantize.quantize_params and pass the result);
+        `from_pretrained` also takes "gguf": a GGUF's Q8_0/Q4_0/Q4_1 blocks kept as stored.
         `page_size` (transformers): a paged KV cache of `n_pages` pages (default: the memory of
         lanes * max_len slots) whose common prompt prefixes are shared (lmjax.generate.pages)."""
         if quantize:
@@ -66,10 +67,17 @@ class Generator:
         from lmjax.interop.pretrained import load_pretrained
         from lmjax.models import build_model
 
-        pretrained = load_pretrained(path)
+        keep_blocks = options.get("quantize") == "gguf"  # the file's own int8/int4 blocks, as stored
+        if keep_blocks:
+            options.pop("quantize")
+        pretrained = load_pretrained(path, gguf_blocks=keep_blocks)
         params = pretrained.params
         model = build_model(pretrained.config)
-        if layout is not None:
+        if keep_blocks and layout is not None:
+            from lmjax.quant.quantize import param_shardings, put_params
+
+            params = put_params(params, param_shardings(model, params, layout))
+        elif layout is not None:
             from lmjax.run_dir import abstract_params
 
             shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract_params(model, 8, layout))

@@ -28,6 +28,7 @@ from lmjax.generate.cache import cache_spec, is_leaf
 from lmjax.generate.pages import PagePool
 from lmjax.models.cache_spec import zeros_of
 from lmjax.generate.sampling import SamplingParams, sample
+from lmjax.xla_flags import decoding_compiler_options
 
 
 @flax.struct.dataclass
@@ -100,17 +101,19 @@ class Decoder:
         subsets = page_size and layout is None
         self.row_counts = sorted({4**i for i in range(16) if 4**i < lanes} | {lanes}) if subsets else [lanes]
         self.layout = layout
+        fast = {"compiler_options": decoding_compiler_options()}  # lmjax.xla_flags: YNNPACK's dots on CPU
         if layout is None:
             self._init = jax.jit(self._init_impl)
-            self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
-            self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(3,))
+            self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,), **fast)
+            self._decode = jax.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(3,), **fast)
         else:
             layout.check_rows(lanes, "lanes")
             shardings = self._state_shardings(layout)
             self._init = layout.jit(self._init_impl, out_shardings=shardings)
-            self._prefill = layout.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=shardings)
+            self._prefill = layout.jit(self._prefill_impl, donate_argnums=(1,), out_shardings=shardings, **fast)
             rep = layout.replicated
-            self._decode = layout.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(3,), out_shardings=(shardings, rep, rep))
+            self._decode = layout.jit(self._decode_impl, donate_argnums=(1,), static_argnums=(3,), out_shardings=(shardings, rep, rep),
+                                      **fast)
         if page_size:
             jit = jax.jit if layout is None else layout.jit
             out = {} if layout is None else {"out_shardings": shardings}

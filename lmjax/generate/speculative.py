@@ -37,6 +37,7 @@ import numpy as np
 from lmjax.generate.cache import init_cache
 from lmjax.generate.decoder import LaneRequests, request_key
 from lmjax.generate.sampling import SamplingParams, check_sampling, filtered_probs, sample
+from lmjax.xla_flags import decoding_compiler_options
 
 
 @flax.struct.dataclass
@@ -145,8 +146,9 @@ class SpeculativeDecoder:
         self.buckets = [min_bucket * 2**i for i in range(32) if min_bucket * 2**i < max_len] + [max_len]
         self.compilations = collections.Counter()
         self._init = jax.jit(self._init_impl)
-        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,))
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(2,))
+        fast = decoding_compiler_options()  # lmjax.xla_flags: YNNPACK's dots on CPU
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(2,), compiler_options=fast)
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(2,), compiler_options=fast)
 
     def init_state(self) -> SpecState:
         return self._init()

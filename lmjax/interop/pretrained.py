@@ -66,9 +66,18 @@ def load_weights(path, *, scan_layers: bool = True, param_dtype: str = "float32"
     return load(path, scan_layers=scan_layers, param_dtype=param_dtype)
 
 
-def load_pretrained(path, *, scan_layers: bool = True, param_dtype: str = "float32") -> Pretrained:
-    """Weights, config and tokenizer of a GGUF file or a Hugging Face Llama folder."""
-    config, params = load_weights(path, scan_layers=scan_layers, param_dtype=param_dtype)
+def load_pretrained(path, *, scan_layers: bool = True, param_dtype: str = "float32", gguf_blocks: bool = False) -> Pretrained:
+    """Weights, config and tokenizer of a GGUF file or a Hugging Face Llama folder.
+    `gguf_blocks`: keep a GGUF's Q8_0 / Q4_0 / Q4_1 tensors as int8 / int4 QuantizedArrays, codes
+    and scales as stored (lmjax.interop.gguf_blocks), instead of dequantizing them to float."""
+    if gguf_blocks:
+        if _kind(path) != "gguf":
+            raise ValueError(f"{str(path)!r} is not a GGUF file: only a GGUF's quantized blocks can be kept as they are.")
+        from lmjax.interop.gguf_blocks import load_gguf_blocks
+
+        config, params = load_gguf_blocks(path, scan_layers=scan_layers)
+    else:
+        config, params = load_weights(path, scan_layers=scan_layers, param_dtype=param_dtype)
     from lmjax.data.tokenizers import pretrained_tokenizer
 
     return Pretrained(config, params, pretrained_tokenizer(path), str(path))
