@@ -148,7 +148,7 @@ def main():
     rows = decode_rows(model, variants, draft, draft_params, hf_from_gguf(smollm2_gguf()), ids, args, bandwidth)
     paged = compare_caches(model, params, tokenizer, cache_args.dialogs, cache_args, bandwidth) if cache_args.dialogs else []
 
-    print(f"\n| lanes | decoding | MB in memory | tok/s | x HF | x lmjax f32 | of its floor | acceptance | tokens equal |")
+    print("\n| lanes | decoding | MB in memory | tok/s | x HF | x lmjax f32 | of its floor | acceptance | tokens equal |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     sizes = {f"lmjax {w}": memory_bytes(v) / 1e6 for w, v in variants.items()}
     for r in rows:
