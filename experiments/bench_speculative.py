@@ -10,7 +10,7 @@ tokens per target pass, and whether both produced the same tokens (they must: gr
 decoding is the target's own output).
 
 --task shakespeare (default): characters (configs/shakespeare.py), a target (d=256, 6 layers,
-5.2M parameters) and a draft (d=64, 2 layers, 0.12M), --train_steps steps each (default 200).
+5.2M parameters) and a draft (d=64, 2 layers, 0.12M), --train_steps steps each (default 600, the recipe's own).
 Prompts are windows of the validation text; every lane generates --new_tokens (default 128).
 
 --task facts: the in-weight facts task (configs/facts.py) on --people people (default 64, i.e.
@@ -52,7 +52,7 @@ FACTS_DRAFT = dict(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=256) 
 
 # Per task: config, target, draft, and the defaults of --train_steps, --draft_steps, --new_tokens.
 TASKS = {
-    "shakespeare": dict(config="configs/shakespeare.py", target=TARGET, draft=DRAFT, steps=200, draft_steps=None,
+    "shakespeare": dict(config="configs/shakespeare.py", target=TARGET, draft=DRAFT, steps=600, draft_steps=None,
                         new_tokens=128),
     "facts": dict(config="configs/facts.py", target=FACTS_TARGET, draft=FACTS_DRAFT, steps=400, draft_steps=1000,
                   new_tokens=64),
