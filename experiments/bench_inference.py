@@ -84,7 +84,7 @@ def decode_rows(model, variants, draft, draft_params, hf, ids, args, bandwidth) 
         prompts = windows(ids, lanes, args.prompt_len)
         n = lanes * args.decode_tokens
         theirs, t_hf = hf_generate(hf, prompts, args.decode_tokens, args.repeats)
-        rows.append(dict(lanes=lanes, name="HF transformers generate, f32", tok_s=n / t_hf, floor=None, acceptance=None,
+        rows.append(dict(lanes=lanes, name="HF transformers generate, f32", tok_s=n / t_hf, mb=None, floor=None, acceptance=None,
                          same="-"))
         print(f"lanes={lanes:3d} HF generate f32: {n / t_hf:7.1f} tok/s", flush=True)
         reference = None
@@ -102,7 +102,7 @@ def decode_rows(model, variants, draft, draft_params, hf, ids, args, bandwidth) 
                 # plain rows against f32; speculative rows against their own weights' plain decoding
                 same = agreement(tokens, reference if plain is None else plain).replace("same tokens", f"{lanes}/{lanes}")
                 plain = tokens if plain is None else plain
-                row = dict(lanes=lanes, name=f"lmjax {label}", tok_s=n / seconds, floor=floor / seconds,
+                row = dict(lanes=lanes, name=f"lmjax {label}", tok_s=n / seconds, mb=memory_bytes(params) / 1e6, floor=floor / seconds,
                            acceptance=acceptance, same=same)
                 row["x_hf"], row["x_f32"] = row["tok_s"] * t_hf / n, row["tok_s"] / rows_f32(rows, lanes, row)
                 rows.append(row)
@@ -150,11 +150,9 @@ def main():
 
     print("\n| lanes | decoding | MB in memory | tok/s | x HF | x lmjax f32 | of its floor | acceptance | tokens equal |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
-    sizes = {f"lmjax {w}": memory_bytes(v) / 1e6 for w, v in variants.items()}
     for r in rows:
-        size = next((f"{mb:.0f}" for name, mb in sizes.items() if r["name"].startswith(name + " ") or r["name"] == name), "-")
         cell = lambda key, fmt: "-" if r.get(key) is None else format(r[key], fmt)  # noqa: E731
-        print(f"| {r['lanes']} | {r['name']} | {size} | {r['tok_s']:.1f} | {cell('x_hf', '.2f')} | {cell('x_f32', '.2f')} | "
+        print(f"| {r['lanes']} | {r['name']} | {cell('mb', '.0f')} | {r['tok_s']:.1f} | {cell('x_hf', '.2f')} | {cell('x_f32', '.2f')} | "
               f"{cell('floor', '.0%')} | {cell('acceptance', '.2f')} | {r['same']} |")
     if paged:
         print("\n| dialogs | cache | at once | tok/s | x contiguous | prefill s | decode s | decode at floor | tokens = contiguous |")

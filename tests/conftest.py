@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,3 +109,32 @@ def unit_scale_weights(model):
                 p.copy_(torch.randn_like(p))
             else:
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+
+
+def write_llama_gguf(path, tensors, *, layers, dim, ffn, heads, kv_heads, vocab, rope_base, arch="llama", extra=None,
+                     stored=None):
+    """A GGUF file with a llama header and `tensors` (GGUF name -> float array, numpy order);
+    `stored(name, array)` may give (raw bytes, GGMLQuantizationType) to store a tensor quantized."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(layers)
+    writer.add_embedding_length(dim)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(rope_base)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_token_list([f"t{i}".encode() for i in range(vocab)])
+    for key, value in (extra or {}).items():
+        writer.add_uint32(key, value)
+    for name, array in tensors.items():
+        raw = stored(name, array) if stored else None
+        if raw is None:
+            writer.add_tensor(name, np.ascontiguousarray(array))
+        else:
+            writer.add_tensor(name, raw[0], raw_dtype=raw[1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import write_llama_gguf
 from lmjax.interop.bundled import smollm2_gguf
 from lmjax.interop.gguf import load_gguf
 from lmjax.interop.gguf_blocks import blocks_of, load_gguf_blocks
@@ -89,28 +90,16 @@ def write_quantized_gguf(path, kinds):
                             ("attn_output", (E, H * D)), ("ffn_gate", (F, E)), ("ffn_up", (F, E)), ("ffn_down", (E, F)),
                             ("attn_norm", (E,)), ("ffn_norm", (E,))]:
             tensors[f"blk.{i}.{name}.weight"] = rng.normal(size=shape) / (shape[-1] ** 0.5 if len(shape) == 2 else 1)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(L)
-    writer.add_embedding_length(E)
-    writer.add_feed_forward_length(F)
-    writer.add_head_count(H)
-    writer.add_head_count_kv(K)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_token_list([f"t{i}".encode() for i in range(V)])
-    matrices = 0
-    for name, w in tensors.items():
-        w = w.astype(np.float32)
+    kinds_in_turn = iter(kinds * len(tensors))
+
+    def stored(name, w):
         if w.ndim == 1:
-            writer.add_tensor(name, w)
-            continue
-        kind = gguf.GGMLQuantizationType[kinds[matrices % len(kinds)]]
-        matrices += 1
-        writer.add_tensor(name, gguf.quants.quantize(w, kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            return None
+        kind = gguf.GGMLQuantizationType[next(kinds_in_turn)]
+        return gguf.quants.quantize(w, kind), kind
+
+    tensors = {name: w.astype(np.float32) for name, w in tensors.items()}
+    write_llama_gguf(path, tensors, layers=L, dim=E, ffn=F, heads=H, kv_heads=K, vocab=V, rope_base=10000.0, stored=stored)
 
 
 @pytest.mark.parametrize("kinds", [["Q8_0"], ["Q4_0"], ["Q4_1"], ["Q4_1", "Q8_0", "F32", "Q4_0"]],

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import write_llama_gguf
 from lmjax.generate.decoder import Decoder, LaneRequests
 from lmjax.interop.gguf import load_gguf, rotate_half_rows
 from lmjax.interop.hf import hf_tensors
@@ -140,8 +141,6 @@ def test_rotate_half_rows_undoes_llama_cpp_permutation():
 def write_gguf(path, *, tied, arch="llama", extra=None):
     """A 2-layer llama GGUF in f32, tensors permuted the llama.cpp way; returns the HF-layout
     tensors it holds."""
-    import gguf
-
     V, E, L, H, K, F = 40, 16, 2, 4, 2, 24
     D = E // H
     rng = np.random.default_rng(0)
@@ -158,17 +157,7 @@ def write_gguf(path, *, tied, arch="llama", extra=None):
             hf[f"model.layers.{i}.{h}.weight"] = rng.normal(size=shape) / (shape[-1] ** 0.5 if len(shape) == 2 else 1)
             names[f"blk.{i}.{g}.weight"] = f"model.layers.{i}.{h}.weight"
     hf = {k: v.astype(np.float32) for k, v in hf.items()}
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(L)
-    writer.add_embedding_length(E)
-    writer.add_feed_forward_length(F)
-    writer.add_head_count(H)
-    writer.add_head_count_kv(K)
-    writer.add_rope_freq_base(5000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_token_list([f"t{i}".encode() for i in range(V)])
-    for key, value in (extra or {}).items():
-        writer.add_uint32(key, value)
+    tensors = {}
     for g, h in names.items():
         if h not in hf:
             continue
@@ -176,11 +165,9 @@ def write_gguf(path, *, tied, arch="llama", extra=None):
         if g.endswith("attn_q.weight") or g.endswith("attn_k.weight"):  # HF halves -> interleaved pairs
             n = H if "attn_q" in g else K
             w = w.reshape(n, 2, D // 2, E).swapaxes(1, 2).reshape(w.shape)
-        writer.add_tensor(g, np.ascontiguousarray(w))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        tensors[g] = w
+    write_llama_gguf(path, tensors, layers=L, dim=E, ffn=F, heads=H, kv_heads=K, vocab=V, rope_base=5000.0, arch=arch,
+                     extra=extra)
     return hf
 
 

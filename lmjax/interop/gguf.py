@@ -146,6 +146,13 @@ def load_gguf(path, *, scan_layers: bool = True, param_dtype: str = "float32"):
     reader = open_gguf(path)
     where = str(path)
     cfg = config_from_gguf(reader, scan_layers=scan_layers, param_dtype=param_dtype, where=where)
+    by_hf_name = tensors_by_hf_name(reader, where)
+    params = params_from_hf_tensors(cfg, lambda name: hf_rows(name, dequantized(by_hf_name[name]), cfg), by_hf_name, where=where)
+    return cfg, jax.device_put(params)
+
+
+def tensors_by_hf_name(reader, where: str) -> dict:
+    """HF name -> the file's tensor; a tensor lmjax has no place for is a ValueError naming it."""
     by_hf_name, unknown = {}, []
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
@@ -154,14 +161,14 @@ def load_gguf(path, *, scan_layers: bool = True, param_dtype: str = "float32"):
         by_hf_name[name] = tensor
     if unknown:
         raise ValueError(f"{where} has tensor(s) lmjax's Llama has no place for: {', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}.")
+    return by_hf_name
 
-    def get(name):
-        weight = dequantized(by_hf_name[name])
-        if name.endswith("self_attn.q_proj.weight"):
-            return rotate_half_rows(weight, cfg.n_heads)
-        if name.endswith("self_attn.k_proj.weight"):
-            return rotate_half_rows(weight, cfg.n_kv_heads)
-        return weight
 
-    params = params_from_hf_tensors(cfg, get, by_hf_name, where=where)
-    return cfg, jax.device_put(params)
+def hf_rows(name: str, rows_OxN, cfg):
+    """An array with one row per output row of tensor `name` (a weight, or its block codes,
+    scales or minimums) in HF's row order: q and k rows un-permuted (`rotate_half_rows`)."""
+    if name.endswith("self_attn.q_proj.weight"):
+        return rotate_half_rows(rows_OxN, cfg.n_heads)
+    if name.endswith("self_attn.k_proj.weight"):
+        return rotate_half_rows(rows_OxN, cfg.n_kv_heads)
+    return rows_OxN

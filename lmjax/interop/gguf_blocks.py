@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.interop.gguf import config_from_gguf, dequantized, hf_name, open_gguf, rotate_half_rows
-from lmjax.interop.hf import _hf_name_of, _hf_shape, expected_params, flat_params
+from lmjax.interop.gguf import config_from_gguf, dequantized, hf_rows, open_gguf, tensors_by_hf_name
+from lmjax.interop.hf import _hf_name_of, _hf_shape, expected_params, flat_params, to_lmjax_layout
 from lmjax.quant.qarray import QuantizedArray
 
 BLOCK = 32
@@ -46,14 +46,12 @@ def _lmjax_quantized(codes, scale, offset, shape, in_axes, bits):
     """HF-layout [out, in] codes and [out, in/32] scales -> a QuantizedArray of lmjax's kernel
     `shape` (or of the [vocab, embed] embedding when in_axes is None), groups along the last
     contracting axis."""
-    if in_axes is None:  # the embedding keeps [vocab, embed]; its groups run along embed already
-        arrays = codes, scale, offset
-    else:
-        group_shape = (*shape[: in_axes - 1], shape[in_axes - 1] // BLOCK, *shape[in_axes:])
-        arrays = codes.T.reshape(shape), scale.T.reshape(group_shape), None if offset is None else offset.T.reshape(group_shape)
-    q, s, o = arrays
-    return QuantizedArray(jnp.asarray(q).astype(jnp.int8 if bits == 8 else jnp.int4), jnp.asarray(s),
-                          None if o is None else jnp.asarray(o))
+    # the embedding keeps [vocab, embed], its groups along embed; a kernel's run along its last input axis
+    last_in = len(shape) - 1 if in_axes is None else in_axes - 1
+    group_shape = (*shape[:last_in], shape[last_in] // BLOCK, *shape[last_in + 1:])
+    q = to_lmjax_layout(codes, shape, in_axes)
+    s, o = (None if x is None else jnp.asarray(to_lmjax_layout(x, group_shape, in_axes)) for x in (scale, offset))
+    return QuantizedArray(jnp.asarray(q).astype(jnp.int8 if bits == 8 else jnp.int4), s, o)
 
 
 def _stack(layers):
@@ -73,30 +71,20 @@ def load_gguf_blocks(path, *, scan_layers: bool = True):
     reader = open_gguf(path)
     where = str(path)
     cfg = config_from_gguf(reader, scan_layers=scan_layers, where=where)
-    by_hf_name = {hf_name(t.name): t for t in reader.tensors}
-    if None in by_hf_name:
-        raise ValueError(f"{where} has tensor(s) lmjax's Llama has no place for.")
+    by_hf_name = tensors_by_hf_name(reader, where)
 
     def fetch(name, shape, in_axes):
         if name not in by_hf_name:
             raise ValueError(f"{where} has no tensor {name}.")
         tensor = by_hf_name[name]
-        heads = cfg.n_heads if name.endswith("q_proj.weight") else cfg.n_kv_heads if name.endswith("k_proj.weight") else 0
         kind = tensor.tensor_type.name
-        cols = int(tensor.shape[0])
-        if kind in BLOCK_BYTES and cols % BLOCK == 0 and (in_axes is None or shape[in_axes - 1] % BLOCK == 0):
-            codes, scale, offset = blocks_of(tensor)
-            if heads:
-                codes, scale = rotate_half_rows(codes, heads), rotate_half_rows(scale, heads)
-                offset = None if offset is None else rotate_half_rows(offset, heads)
-            want = _hf_shape(shape, in_axes)
-            if codes.shape != want:
-                raise ValueError(f"Tensor {name} in {where} is {list(codes.shape)}, but the config asks for {list(want)}.")
+        want = _hf_shape(shape, in_axes)
+        if tuple(int(n) for n in reversed(tensor.shape)) != want:
+            raise ValueError(f"Tensor {name} in {where} is {list(reversed(tensor.shape))}, but the config asks for {list(want)}.")
+        if kind in BLOCK_BYTES and want[-1] % BLOCK == 0 and (in_axes is None or shape[in_axes - 1] % BLOCK == 0):
+            codes, scale, offset = (None if x is None else hf_rows(name, x, cfg) for x in blocks_of(tensor))
             return _lmjax_quantized(codes, scale, offset, shape, in_axes, 8 if kind == "Q8_0" else 4)
-        weight = dequantized(tensor)
-        if heads:
-            weight = rotate_half_rows(weight, heads)
-        return np.asarray(weight if in_axes is None else weight.T.reshape(shape), np.float32)
+        return np.asarray(to_lmjax_layout(hf_rows(name, dequantized(tensor), cfg), shape, in_axes), np.float32)
 
     expected = expected_params(cfg)
     leaves = []
